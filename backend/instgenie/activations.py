@@ -1,0 +1,55 @@
+"""Recorded activations of one template run: image-token K/V per step, row and site.
+
+A template run records, for every denoising step, every transformer row (2 under
+classifier-free guidance) and every attention site, the post-norm (post-RoPE for
+Flux) K and V of all image tokens. Edits read them back through
+:class:`StepActivations`, the :class:`~instgenie.attention.KVSource` of one row at
+one step. This module is the in-memory store; where the bytes live (host tiers, disk,
+the loading pipeline) is decided above it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KVKey = tuple[int, int, int]  # (step, row, site)
+
+
+class TemplateActivations:
+    """Image-token K/V of one template run, keyed by ``(step, row, site)``."""
+
+    def __init__(self) -> None:
+        self._kv: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def put(self, step: int, row: int, site: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._kv[(step, row, site)] = (key.detach().clone(), value.detach().clone())
+
+    def get(self, step: int, row: int, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self._kv[(step, row, site)]
+        except KeyError:
+            raise KeyError(f"no activations recorded for step {step}, row {row}, site {site}") from None
+
+    def keys(self) -> list[KVKey]:
+        return sorted(self._kv)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, K and V together."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._kv.values())
+
+    def at(self, step: int, row: int) -> "StepActivations":
+        return StepActivations(self, step, row)
+
+
+class StepActivations:
+    """One row's K/V at one step: reads (edits) or writes (template recording)."""
+
+    def __init__(self, store: TemplateActivations, step: int, row: int) -> None:
+        self.store, self.step, self.row = store, step, row
+
+    def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.get(self.step, self.row, site)
+
+    def record(self, site: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.store.put(self.step, self.row, site, key, value)

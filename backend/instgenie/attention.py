@@ -1,0 +1,316 @@
+"""Mask-aware attention: masked queries attend over cached K/V of unmasked tokens.
+
+This is idea 1 of InstGenIE in one place. Every token-wise operator of a DiT block
+(projections, norms, adaLN, MLP, gates) runs on whatever tokens it is given; only
+attention mixes tokens. So an edit feeds the transformer just the masked image
+tokens (plus the text tokens), and the processors below rebuild the full key/value
+sequence of each row: the template's recorded K/V for every image token, with the
+freshly computed K/V of the masked tokens written over their positions. Keys stay
+in raster order, so when the edit equals the template the softmax sums exactly what
+the full computation sums: the result is bit-identical on CPU fp32.
+
+The processors extend unmodified diffusers models through their own extension
+point (``set_attn_processor``); per-call information reaches them through
+``joint_attention_kwargs={"token_batch": ...}``, which diffusers forwards to every
+processor that declares the argument. Without a ``token_batch`` they behave exactly
+like the stock processors.
+
+Shapes: ``B`` rows (a request contributes one row, two with classifier-free
+guidance), ``N`` image tokens of the template grid, ``L`` padded computed tokens per
+row, ``T`` text tokens, ``H`` heads, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+
+# CPU GEMMs with few rows take small-matrix kernels whose rounding differs from the
+# kernels the full computation runs (measured with torch 2.13: up to 10 rows for the
+# tiny models' shapes), and so does a flash-attention query block of 1-3 rows. Rows
+# are padded past both so an edit equal to its template stays bit-exact on CPU.
+MIN_PADDED_TOKENS = 16
+_MAX_SMALL_QUERY_TAIL = 3
+
+
+def _small_query_tail(queries: int) -> bool:
+    """Whether CPU flash attention would leave a last query block of 1-3 rows."""
+    block = 256 if queries >= 768 else 64 if queries >= 192 else 32
+    return 0 < queries % block <= _MAX_SMALL_QUERY_TAIL
+
+
+class KVSource(Protocol):
+    """Recorded K/V of every image token of one row at its current step."""
+
+    def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of attention site ``site``, in the site's layout with all ``N`` tokens."""
+        ...
+
+
+class KVSink(Protocol):
+    """Receives the K/V of every image token of one row (template recording)."""
+
+    def record(self, site: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store copies: the tensors passed in are reused by the computation."""
+        ...
+
+
+@dataclass
+class TokenRow:
+    """One transformer batch row.
+
+    Attributes:
+        token_index: sorted raster indices ``int64 [M]`` of the image tokens this row
+            computes. A row without ``cached`` K/V must compute all ``N`` tokens.
+        cached: where the K/V of the tokens it does not compute come from.
+        recorder: where to record this row's image-token K/V (template registration).
+    """
+
+    token_index: torch.Tensor
+    cached: KVSource | None = None
+    recorder: KVSink | None = None
+
+
+class TokenBatch:
+    """The varlen-shaped description of one masked transformer call.
+
+    Rows compute different token sets; they are padded to a common length ``L`` by
+    repeating each row's last token, so diffusers' batched modules run unchanged.
+    Padded positions are never written back: outputs beyond a row's length are junk.
+    """
+
+    def __init__(self, rows: Sequence[TokenRow], num_tokens: int, text_len: int) -> None:
+        if not rows:
+            raise ValueError("a token batch needs at least one row")
+        self.rows = list(rows)
+        self.num_tokens = num_tokens
+        self.text_len = text_len
+        self.lengths = [int(row.token_index.numel()) for row in self.rows]
+        for row, length in zip(self.rows, self.lengths):
+            if row.cached is None and length != num_tokens:
+                raise ValueError("a row without cached K/V must compute every image token")
+            if length == 0:
+                raise ValueError("a row must compute at least one image token")
+        padded_len = max(max(self.lengths), min(MIN_PADDED_TOKENS, num_tokens))
+        while padded_len < num_tokens and _small_query_tail(text_len + padded_len):
+            padded_len += 1
+        self.padded_len = padded_len
+        index = torch.empty(len(self.rows), self.padded_len, dtype=torch.long)
+        for b, row in enumerate(self.rows):
+            n = self.lengths[b]
+            index[b, :n] = row.token_index
+            index[b, n:] = row.token_index[-1]
+        self.padded_index = index
+        # Every row computes every token in raster order and nothing is cached:
+        # this is the stock computation, which needs no gathering or K/V exchange.
+        self.is_dense = all(row.cached is None for row in self.rows)
+        self.records = any(row.recorder is not None for row in self.rows)
+        # Per-row rotary tables ``(cos, sin)`` of shape ``[B, T + L, D]``, or one
+        # ``[T + L, D]`` pair shared by all rows; set by families that use RoPE.
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        self.padded_index = self.padded_index.to(device)
+        for row in self.rows:
+            row.token_index = row.token_index.to(device)
+        return self
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[B, L, C]``: each row's computed tokens, padded."""
+        if self.is_dense:
+            return tokens
+        index = self.padded_index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return torch.gather(tokens, 1, index)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply each row's rotary embedding to ``x`` of shape ``[B, T + L, H, D]``."""
+        assert self.rotary is not None, "this family sets no rotary tables"
+        cos, sin = self.rotary
+        if cos.dim() == 2:
+            return apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+        return torch.cat(
+            [apply_rotary_emb(x[b : b + 1], (cos[b], sin[b]), sequence_dim=1) for b in range(x.shape[0])]
+        )
+
+    def image_kv(
+        self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full image-token K/V for attention site ``site``.
+
+        Args:
+            key, value: computed image-token K/V, ``L`` tokens along ``token_dim``.
+        Returns:
+            K/V with all ``N`` image tokens in raster order along ``token_dim``: the
+            row's cache with its computed tokens written over their positions.
+        """
+        if self.is_dense:
+            full_key, full_value = key, value
+        else:
+            shape = list(key.shape)
+            shape[token_dim] = self.num_tokens
+            full_key, full_value = key.new_empty(shape), value.new_empty(shape)
+            row_dim = token_dim - 1
+            for b, row in enumerate(self.rows):
+                computed_key = key[b].narrow(row_dim, 0, self.lengths[b])
+                computed_value = value[b].narrow(row_dim, 0, self.lengths[b])
+                if row.cached is None:
+                    full_key[b].copy_(computed_key)
+                    full_value[b].copy_(computed_value)
+                    continue
+                cached_key, cached_value = row.cached.kv(site)
+                full_key[b].copy_(cached_key)
+                full_value[b].copy_(cached_value)
+                full_key[b].index_copy_(row_dim, row.token_index, computed_key)
+                full_value[b].index_copy_(row_dim, row.token_index, computed_value)
+        if self.records:
+            for b, row in enumerate(self.rows):
+                if row.recorder is not None:
+                    row.recorder.record(site, full_key[b], full_value[b])
+        return full_key, full_value
+
+
+class MaskedFluxAttnProcessor:
+    """``FluxAttnProcessor`` that attends masked queries over cached image K/V.
+
+    Serves both Flux block kinds: double blocks pass text and image separately and
+    single blocks pass them concatenated; either way the sequence after the
+    projections is ``[text, image]``, with post-norm, post-RoPE K/V recorded.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, site: int) -> None:
+        self.site = site
+        self._stock = FluxAttnProcessor()
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_batch: TokenBatch | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if token_batch is None:
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+
+        query = token_batch.rotate(query)
+        key = token_batch.rotate(key)
+        if not token_batch.is_dense or token_batch.records:
+            text_len = token_batch.text_len
+            image_key, image_value = token_batch.image_kv(self.site, key[:, text_len:], value[:, text_len:], 1)
+            if not token_batch.is_dense:
+                key = torch.cat([key[:, :text_len], image_key], dim=1)
+                value = torch.cat([value[:, :text_len], image_value], dim=1)
+
+        hidden_states = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
+
+
+class MaskedJointAttnProcessor:
+    """``JointAttnProcessor2_0`` (SD3) that attends masked queries over cached image K/V.
+
+    SD3 has no RoPE (positions are added at patch embedding) and orders the joint
+    sequence ``[image, text]`` in ``[B, H, S, D]`` layout; K/V are recorded after the
+    q/k norms.
+    """
+
+    def __init__(self, site: int) -> None:
+        self.site = site
+        self._stock = JointAttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_batch: TokenBatch | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if token_batch is None:
+            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
+        batch_size, image_len = hidden_states.shape[:2]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        key, value = token_batch.image_kv(self.site, key, value, 2)
+
+        if encoder_hidden_states is not None:
+            context_query = attn.add_q_proj(encoder_hidden_states)
+            context_key = attn.add_k_proj(encoder_hidden_states)
+            context_value = attn.add_v_proj(encoder_hidden_states)
+            context_query = context_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context_key = context_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            context_value = context_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                context_query = attn.norm_added_q(context_query)
+            if attn.norm_added_k is not None:
+                context_key = attn.norm_added_k(context_key)
+            query = torch.cat([query, context_query], dim=2)
+            key = torch.cat([key, context_key], dim=2)
+            value = torch.cat([value, context_value], dim=2)
+
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :image_len], hidden_states[:, image_len:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def install_masked_processors(transformer: torch.nn.Module, processor_cls: type) -> int:
+    """Give every attention module of ``transformer`` a masked processor.
+
+    Attention sites are numbered in module order; the number is the cache key of the
+    site's K/V. Returns the number of sites.
+    """
+    names = list(transformer.attn_processors.keys())
+    transformer.set_attn_processor({name: processor_cls(site) for site, name in enumerate(names)})
+    return len(names)

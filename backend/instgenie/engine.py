@@ -1,0 +1,509 @@
+"""The step-level editing engine: prepare, step, finish.
+
+A request is a :class:`RequestState`. ``prepare_*`` does everything that touches
+untrusted bytes, text encoders or the VAE encoder; :meth:`Engine.step` advances any
+list of states by one denoising step in one batched transformer call; ``finish``
+decodes and pastes. A serving loop calls ``prepare``/``finish`` off its step thread
+and ``step`` on it; states may join and leave between any two steps.
+
+Template registration is a request too (kind ``RECORD``): a full run whose rows
+record their image-token K/V. An edit then computes only the tokens its mask touches
+(union the template's own mask) and reads the rest of every attention's K/V from
+that recording.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import masking
+from .activations import TemplateActivations
+from .attention import TokenBatch, TokenRow
+from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
+from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
+from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask
+from .loading import load_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Bounds on what one request may ask for."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_steps: int = 100
+    max_guidance: float = 100.0
+
+
+class RequestKind(enum.Enum):
+    EDIT = "edit"
+    RECORD = "record"
+
+
+@dataclass
+class TemplateRecord:
+    """A registered template: its full run's inputs, result and recorded K/V."""
+
+    template_id: str
+    model_fingerprint: str
+    settings: GenerationSettings
+    prompt: str
+    image: Image.Image
+    pixel_mask: np.ndarray  # [H, W] bool; the template's own edit region (usually empty)
+    mask_tokens: torch.Tensor  # int64 [K]
+    inputs: LatentInputs  # full grid, before the first step
+    final_latents: torch.Tensor  # [1, N, C]
+    activations: TemplateActivations
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.final_latents.shape[1])
+
+
+@dataclass
+class RequestState:
+    """One request between ``prepare`` and ``finish``; advanced in place by ``step``."""
+
+    request_id: str
+    kind: RequestKind
+    settings: GenerationSettings
+    prompt: str
+    image: Image.Image
+    pixel_mask: np.ndarray
+    num_tokens: int  # N, image tokens of the full grid
+    token_index: torch.Tensor  # int64 [M]: the tokens this request computes
+    inputs: LatentInputs  # restricted to token_index
+    text: TextEmbeddings
+    scheduler: Any
+    timesteps: torch.Tensor
+    template: TemplateRecord | None = None  # read K/V of uncomputed tokens from here
+    template_id: str | None = None  # the template the request edits, cached or not
+    recording: TemplateActivations | None = None  # record K/V here (RECORD requests)
+    full_inputs: LatentInputs | None = None  # RECORD requests keep the full-grid inputs
+    step_index: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # for the serving layer
+
+    @property
+    def total_steps(self) -> int:
+        return int(len(self.timesteps))
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+    @property
+    def computed_tokens(self) -> int:
+        return int(self.token_index.numel())
+
+    @property
+    def rows(self) -> int:
+        return self.text.rows
+
+    @property
+    def mask_ratio(self) -> float:
+        return masking.mask_ratio(self.pixel_mask)
+
+
+@dataclass
+class EditResult:
+    image: Image.Image
+    latents: torch.Tensor  # [1, N, C] final latents of the full grid
+    request_id: str
+    computed_tokens: int
+    num_tokens: int
+    template_id: str | None
+
+
+class Engine:
+    """Mask-aware denoising engine over one diffusers pipeline."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        family_cls: type[Family],
+        model_fingerprint: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_sequence_length: int = 512,
+        limits: EngineLimits = EngineLimits(),
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.family = family_cls(pipe, self.device, dtype)
+        self.model_fingerprint = model_fingerprint
+        self.max_sequence_length = max_sequence_length
+        self.limits = limits
+        self._templates: dict[str, TemplateRecord] = {}
+        self._templates_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_sequence_length: int = 512,
+        limits: EngineLimits = EngineLimits(),
+    ) -> "Engine":
+        """Load a diffusers pipeline folder (tiny or real checkpoint)."""
+        pipe, family_cls, fingerprint = load_pipeline(model_dir, device, dtype)
+        return cls(
+            pipe,
+            family_cls,
+            fingerprint,
+            device=device,
+            dtype=dtype,
+            max_sequence_length=max_sequence_length,
+            limits=limits,
+        )
+
+    # -- templates -------------------------------------------------------------
+    def template(self, template_id: str) -> TemplateRecord:
+        with self._templates_lock:
+            record = self._templates.get(template_id)
+        if record is None:
+            raise UnknownTemplate(f"unknown template {template_id!r}; register it first")
+        return record
+
+    def add_template(self, record: TemplateRecord) -> None:
+        with self._templates_lock:
+            self._templates[record.template_id] = record
+
+    def template_ids(self) -> list[str]:
+        with self._templates_lock:
+            return sorted(self._templates)
+
+    # -- preparation -----------------------------------------------------------
+    def _settings(
+        self, image: Image.Image, seed: int | None, steps: int | None, guidance: float | None
+    ) -> GenerationSettings:
+        family = self.family
+        check_grid(image.width, image.height, family.pixels_per_token)
+        steps = family.default_steps if steps is None else steps
+        guidance = family.default_guidance if guidance is None else guidance
+        seed = 0 if seed is None else seed
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.limits.max_steps:
+            raise InvalidInput(f"steps must be an integer in [1, {self.limits.max_steps}], got {steps!r}")
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise InvalidInput(f"guidance must be a finite number, got {guidance!r}")
+        if not 0 <= guidance <= self.limits.max_guidance:
+            raise InvalidInput(f"guidance must be in [0, {self.limits.max_guidance}], got {guidance}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise InvalidInput(f"seed must be a non-negative 64-bit integer, got {seed!r}")
+        return GenerationSettings(
+            width=image.width,
+            height=image.height,
+            steps=steps,
+            guidance=float(guidance),
+            seed=seed,
+            max_sequence_length=self.max_sequence_length,
+        )
+
+    def _template_settings(
+        self, record: TemplateRecord, seed: int | None, steps: int | None, guidance: float | None
+    ) -> GenerationSettings:
+        settings = record.settings
+        if record.model_fingerprint != self.model_fingerprint:
+            raise TemplateMismatch(
+                f"template {record.template_id} was recorded with model {record.model_fingerprint}, "
+                f"this engine serves {self.model_fingerprint}; register it again"
+            )
+        if steps is not None and steps != settings.steps:
+            raise TemplateMismatch(
+                f"template {record.template_id} was recorded with {settings.steps} steps, the edit asks for {steps}"
+            )
+        if guidance is not None and float(guidance) != settings.guidance:
+            raise TemplateMismatch(
+                f"template {record.template_id} was recorded with guidance {settings.guidance}, "
+                f"the edit asks for {guidance}"
+            )
+        if settings.max_sequence_length != self.max_sequence_length:
+            raise TemplateMismatch(f"template {record.template_id} was recorded with another text length")
+        if seed is not None and seed != settings.seed:
+            if self.family.seed_must_match:
+                raise TemplateMismatch(
+                    f"template {record.template_id} was recorded with seed {settings.seed}; this pipeline blends "
+                    f"the noised original back in, so edits must use the same seed (got {seed})"
+                )
+            return self._settings(record.image, seed, settings.steps, settings.guidance)
+        return settings
+
+    def _start(
+        self,
+        kind: RequestKind,
+        settings: GenerationSettings,
+        prompt: str,
+        image: Image.Image,
+        pixel_mask: np.ndarray,
+        token_index: torch.Tensor | None,
+        template: TemplateRecord | None,
+        request_id: str | None,
+    ) -> RequestState:
+        if not isinstance(prompt, str):
+            raise InvalidInput(f"prompt must be a string, got {type(prompt).__name__}")
+        family = self.family
+        num_tokens = family.num_tokens(settings)
+        computes_all = token_index is None or token_index.numel() == num_tokens
+        if computes_all:
+            token_index = torch.arange(num_tokens)
+        scheduler = family.new_scheduler()
+        timesteps = family.schedule(scheduler, settings)
+        reuse = template.inputs if template is not None and settings.seed == template.settings.seed else None
+        image_tensor = family.preprocess_image(image).to(self.device)
+        full_inputs = family.prepare_latents(
+            image_tensor, family.pixel_mask_tensor(pixel_mask), settings, scheduler, timesteps, reuse
+        )
+        state = RequestState(
+            request_id=request_id or uuid.uuid4().hex,
+            kind=kind,
+            settings=settings,
+            prompt=prompt,
+            image=image,
+            pixel_mask=pixel_mask,
+            num_tokens=num_tokens,
+            token_index=token_index.to(self.device),
+            inputs=full_inputs.select(token_index.to(self.device)),
+            text=family.encode_prompt(prompt, settings),
+            scheduler=scheduler,
+            timesteps=timesteps,
+            template=None if computes_all else template,
+            template_id=None if template is None else template.template_id,
+        )
+        if kind is RequestKind.RECORD:
+            state.recording = TemplateActivations()
+            state.full_inputs = full_inputs
+        return state
+
+    def prepare_template(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        mask: ImageInput | None = None,
+        request_id: str | None = None,
+    ) -> RequestState:
+        """A recording run of a template: a full computation that records its K/V.
+
+        ``mask`` is the template's own edit region (default: none, i.e. the run
+        reconstructs the template image); edits always recompute those tokens.
+        """
+        pil = decode_image(image, max_pixels=self.limits.max_pixels)
+        settings = self._settings(pil, seed, steps, guidance)
+        pixel_mask = (
+            np.zeros((pil.height, pil.width), dtype=bool)
+            if mask is None
+            else decode_mask(mask, pil.size, max_pixels=self.limits.max_pixels)
+        )
+        return self._start(RequestKind.RECORD, settings, prompt, pil, pixel_mask, None, None, request_id)
+
+    def prepare_edit(
+        self,
+        mask: ImageInput,
+        prompt: str,
+        *,
+        template_id: str | None = None,
+        image: ImageInput | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        full_compute: bool = False,
+        request_id: str | None = None,
+    ) -> RequestState:
+        """An edit of a registered template (``template_id``) or of a raw ``image``.
+
+        A raw image, or ``full_compute=True``, runs the full computation. An empty
+        mask returns a state that is already done: its result is the image itself.
+        A mask is thresholded at half grey (see :func:`~instgenie.imaging.decode_mask`).
+        """
+        if (template_id is None) == (image is None):
+            raise InvalidInput("give exactly one of template_id and image")
+        if template_id is not None:
+            record = self.template(template_id)
+            settings = self._template_settings(record, seed, steps, guidance)
+            pil = record.image
+        else:
+            record = None
+            pil = decode_image(image, max_pixels=self.limits.max_pixels)  # type: ignore[arg-type]
+            settings = self._settings(pil, seed, steps, guidance)
+        pixel_mask = decode_mask(mask, pil.size, max_pixels=self.limits.max_pixels)
+        tokens = masking.token_indices(pixel_mask, self.family.pixels_per_token)
+        if record is not None:
+            tokens = masking.union(tokens, record.mask_tokens)
+        state = self._start(
+            RequestKind.EDIT,
+            settings,
+            prompt,
+            pil,
+            pixel_mask,
+            None if full_compute or record is None else tokens,
+            record,
+            request_id,
+        )
+        if tokens.numel() == 0:
+            state.step_index = state.total_steps  # nothing to edit
+        return state
+
+    # -- the step ----------------------------------------------------------------
+    def step(self, states: Sequence[RequestState]) -> None:
+        """Advance every unfinished state by one denoising step, in one transformer call.
+
+        States may be at different steps, compute different token sets, use different
+        templates (of one resolution) or none, and record; each gets exactly what it
+        would get stepped alone (up to batched-kernel rounding).
+        """
+        active = [s for s in states if not s.done]
+        if not active:
+            return
+        grid = self.family.grid(active[0].settings)
+        if any(self.family.grid(s.settings) != grid for s in active):
+            raise InvalidInput("states of different resolutions cannot share a step")
+        rows: list[TokenRow] = []
+        tokens: list[torch.Tensor] = []
+        for state in active:
+            row_tokens = state.inputs.latents[0]
+            if state.inputs.condition is not None:
+                row_tokens = torch.cat([row_tokens, state.inputs.condition[0]], dim=-1)
+            for row in range(state.rows):
+                rows.append(
+                    TokenRow(
+                        token_index=state.token_index,
+                        cached=None if state.template is None else state.template.activations.at(state.step_index, row),
+                        recorder=None if state.recording is None else state.recording.at(state.step_index, row),
+                    )
+                )
+                tokens.append(row_tokens)
+        text = torch.cat([s.text.prompt_embeds for s in active])
+        batch = TokenBatch(rows, num_tokens=active[0].num_tokens, text_len=text.shape[1])
+        inputs = ModelInputs(
+            batch=batch,
+            tokens=_pad_rows(tokens, batch.padded_len),
+            prompt_embeds=text,
+            pooled=torch.cat([s.text.pooled for s in active]),
+            timesteps=torch.stack([s.timesteps[s.step_index] for s in active for _ in range(s.rows)]),
+            guidance=torch.tensor(
+                [s.settings.guidance for s in active for _ in range(s.rows)], dtype=torch.float32, device=self.device
+            ),
+            grid=grid,
+        )
+        output = self.family.predict(inputs)
+        first = 0
+        for state in active:
+            prediction = output[first : first + state.rows, : state.computed_tokens]
+            first += state.rows
+            if state.rows == 2:  # classifier-free guidance, as the pipelines combine it
+                uncond, cond = prediction.chunk(2)
+                prediction = uncond + state.settings.guidance * (cond - uncond)
+            self._advance(state, prediction)
+
+    @staticmethod
+    def _advance(state: RequestState, prediction: torch.Tensor) -> None:
+        """The pipeline's per-step update on the state's own scheduler and tokens."""
+        t = state.timesteps[state.step_index]
+        inputs = state.inputs
+        latents = state.scheduler.step(prediction, t, inputs.latents, return_dict=False)[0]
+        if inputs.blend_mask is not None:
+            proper = inputs.image_latents
+            if state.step_index < state.total_steps - 1:
+                next_t = state.timesteps[state.step_index + 1]
+                proper = state.scheduler.scale_noise(proper, torch.tensor([next_t]), inputs.noise)
+            latents = (1 - inputs.blend_mask) * proper + inputs.blend_mask * latents
+        inputs.latents = latents
+        state.step_index += 1
+
+    # -- finishing ---------------------------------------------------------------
+    def final_latents(self, state: RequestState) -> torch.Tensor:
+        """Full-grid latents ``[1, N, C]``: the template's where the state computed nothing."""
+        if state.template is None:
+            return state.inputs.latents
+        latents = state.template.final_latents.clone()
+        latents[:, state.token_index] = state.inputs.latents
+        return latents
+
+    def finish_template(self, state: RequestState) -> TemplateRecord:
+        """Store a finished recording run as a template and return it."""
+        if state.kind is not RequestKind.RECORD or not state.done:
+            raise ValueError("finish_template takes a finished RECORD state")
+        assert state.recording is not None and state.full_inputs is not None
+        record = TemplateRecord(
+            template_id=self.template_id(state),
+            model_fingerprint=self.model_fingerprint,
+            settings=state.settings,
+            prompt=state.prompt,
+            image=state.image,
+            pixel_mask=state.pixel_mask,
+            mask_tokens=masking.token_indices(state.pixel_mask, self.family.pixels_per_token),
+            inputs=state.full_inputs,
+            final_latents=state.inputs.latents,
+            activations=state.recording,
+        )
+        self.add_template(record)
+        return record
+
+    def finish_edit(self, state: RequestState) -> EditResult:
+        """Decode a finished edit; pixels outside its mask are the template's, byte for byte."""
+        if state.kind is not RequestKind.EDIT or not state.done:
+            raise ValueError("finish_edit takes a finished EDIT state")
+        latents = self.final_latents(state)
+        if not state.pixel_mask.any():
+            image = state.image.copy()
+        else:
+            decoded = np.asarray(self.family.decode(latents, state.settings))
+            original = np.asarray(state.image)
+            image = Image.fromarray(np.where(state.pixel_mask[..., None], decoded, original))
+        return EditResult(
+            image=image,
+            latents=latents,
+            request_id=state.request_id,
+            computed_tokens=state.computed_tokens,
+            num_tokens=state.num_tokens,
+            template_id=state.template_id,
+        )
+
+    def template_id(self, state: RequestState) -> str:
+        """Stable id: a hash of the model, the settings, the prompt, the image and its mask."""
+        digest = hashlib.sha256()
+        digest.update(self.model_fingerprint.encode())
+        digest.update(repr(state.settings).encode())
+        digest.update(state.prompt.encode())
+        digest.update(np.asarray(state.image).tobytes())
+        digest.update(np.packbits(state.pixel_mask).tobytes())
+        return "tpl-" + digest.hexdigest()[:20]
+
+    # -- conveniences ------------------------------------------------------------
+    def run(self, states: Iterable[RequestState]) -> None:
+        """Step ``states`` together until all are done."""
+        states = list(states)
+        while not all(s.done for s in states):
+            self.step(states)
+
+    def register_template(self, image: ImageInput, prompt: str, **kwargs: Any) -> TemplateRecord:
+        state = self.prepare_template(image, prompt, **kwargs)
+        self.run([state])
+        return self.finish_template(state)
+
+    def edit(self, mask: ImageInput, prompt: str, **kwargs: Any) -> EditResult:
+        state = self.prepare_edit(mask, prompt, **kwargs)
+        self.run([state])
+        return self.finish_edit(state)
+
+
+def _pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack ``[M_b, C]`` rows into ``[B, length, C]``, padding with each row's last token."""
+    return torch.stack([torch.cat([r, r[-1:].expand(length - r.shape[0], -1)]) if r.shape[0] < length else r for r in rows])

@@ -1,0 +1,19 @@
+"""Family adapters: one per supported diffusers pipeline class."""
+
+from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
+from .flux import FluxFillFamily, FluxInpaintFamily
+from .sd3 import SD3InpaintFamily
+
+FAMILIES: tuple[type[Family], ...] = (FluxFillFamily, FluxInpaintFamily, SD3InpaintFamily)
+
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "FluxFillFamily",
+    "FluxInpaintFamily",
+    "GenerationSettings",
+    "LatentInputs",
+    "ModelInputs",
+    "SD3InpaintFamily",
+    "TextEmbeddings",
+]

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny real-architecture models built once per test session."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instgenie import Engine
+from instgenie.tiny import FAMILIES, make_model
+
+TEXT_LEN = 32  # max_sequence_length of the tiny engines: short prompts, fast tests
+SIZE = 128  # tiny test images: 8x8 = 64 tokens
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: make_model(family, root / family, size="tiny") for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def engines(model_dirs: dict[str, Path]) -> dict[str, Engine]:
+    return {family: Engine.from_pretrained(str(path), max_sequence_length=TEXT_LEN) for family, path in model_dirs.items()}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def engine(engines: dict[str, Engine], family: str) -> Engine:
+    return engines[family]
+
+
+def template_image(seed: int = 0, size: int = SIZE) -> Image.Image:
+    """A smooth random picture (gradients + blobs), so the VAE sees structure."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = [np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y + rng.uniform())) for _ in range(3)]
+    pixels = (np.stack(channels, -1) * 0.5 + 0.5) * 255
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def rect_mask(ratio: float, size: int = SIZE, seed: int = 0) -> Image.Image:
+    """A white rectangle covering about ``ratio`` of the picture (all of it at 1.0)."""
+    mask = np.zeros((size, size), np.uint8)
+    if ratio >= 1.0:
+        mask[:] = 255
+    elif ratio > 0:
+        rng = np.random.default_rng(seed)
+        side = max(1, int(round(size * ratio**0.5)))
+        top, left = rng.integers(0, size - side + 1, 2)
+        mask[top : top + side, left : left + side] = 255
+    return Image.fromarray(mask)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
