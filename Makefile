@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench-engine clean
+.PHONY: install test demo bench-engine clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,11 @@ bench-engine: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out models
+
+# The main job until the server lands: build the tiny model, edit a sample template in-process.
+demo: $(STAMP)
+	mkdir -p out
+	$(VENV)/bin/instgenie make-model --family flux-fill --size tiny --out models/flux-fill-tiny
+	$(PY) bench/sample_inputs.py out
+	$(VENV)/bin/instgenie edit-local --model models/flux-fill-tiny --template out/template.png --mask out/mask.png \
+		--prompt "a red hat" --steps 4 --max-sequence-length 32 --out out/edited.png

@@ -119,7 +119,7 @@ class RequestState:
 @dataclass
 class EditResult:
     image: Image.Image
-    latents: torch.Tensor  # [1, N, C] final latents of the full grid
+    latents: torch.Tensor | None  # [1, N, C] final latents of the full grid; None if nothing was denoised
     request_id: str
     computed_tokens: int
     num_tokens: int
@@ -196,14 +196,7 @@ class Engine:
         steps = family.default_steps if steps is None else steps
         guidance = family.default_guidance if guidance is None else guidance
         seed = 0 if seed is None else seed
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.limits.max_steps:
-            raise InvalidInput(f"steps must be an integer in [1, {self.limits.max_steps}], got {steps!r}")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise InvalidInput(f"guidance must be a finite number, got {guidance!r}")
-        if not 0 <= guidance <= self.limits.max_guidance:
-            raise InvalidInput(f"guidance must be in [0, {self.limits.max_guidance}], got {guidance}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise InvalidInput(f"seed must be a non-negative 64-bit integer, got {seed!r}")
+        self._check_numbers(steps, guidance, seed)
         return GenerationSettings(
             width=image.width,
             height=image.height,
@@ -213,9 +206,24 @@ class Engine:
             max_sequence_length=self.max_sequence_length,
         )
 
+    def _check_numbers(self, steps: int | None, guidance: float | None, seed: int | None) -> None:
+        """Type and range checks of the numeric request fields that are given."""
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.limits.max_steps
+        ):
+            raise InvalidInput(f"steps must be an integer in [1, {self.limits.max_steps}], got {steps!r}")
+        if guidance is not None:
+            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+                raise InvalidInput(f"guidance must be a finite number, got {guidance!r}")
+            if not 0 <= guidance <= self.limits.max_guidance:
+                raise InvalidInput(f"guidance must be in [0, {self.limits.max_guidance}], got {guidance}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise InvalidInput(f"seed must be a non-negative 64-bit integer, got {seed!r}")
+
     def _template_settings(
         self, record: TemplateRecord, seed: int | None, steps: int | None, guidance: float | None
     ) -> GenerationSettings:
+        self._check_numbers(steps, guidance, seed)
         settings = record.settings
         if record.model_fingerprint != self.model_fingerprint:
             raise TemplateMismatch(
@@ -356,8 +364,11 @@ class Engine:
             record,
             request_id,
         )
-        if tokens.numel() == 0:
-            state.step_index = state.total_steps  # nothing to edit
+        if tokens.numel() == 0:  # nothing to edit: done before the first step
+            state.token_index = tokens.to(self.device)
+            state.inputs = state.inputs.select(state.token_index)
+            state.template = record
+            state.step_index = state.total_steps
         return state
 
     # -- the step ----------------------------------------------------------------
@@ -371,6 +382,18 @@ class Engine:
         active = [s for s in states if not s.done]
         if not active:
             return
+        output = self.family.predict(self.model_inputs(active))
+        first = 0
+        for state in active:
+            prediction = output[first : first + state.rows, : state.computed_tokens]
+            first += state.rows
+            if state.rows == 2:  # classifier-free guidance, as the pipelines combine it
+                uncond, cond = prediction.chunk(2)
+                prediction = uncond + state.settings.guidance * (cond - uncond)
+            self._advance(state, prediction)
+
+    def model_inputs(self, active: Sequence[RequestState]) -> ModelInputs:
+        """The batched transformer inputs of unfinished ``active`` states at their current steps."""
         grid = self.family.grid(active[0].settings)
         if any(self.family.grid(s.settings) != grid for s in active):
             raise InvalidInput("states of different resolutions cannot share a step")
@@ -391,7 +414,7 @@ class Engine:
                 tokens.append(row_tokens)
         text = torch.cat([s.text.prompt_embeds for s in active])
         batch = TokenBatch(rows, num_tokens=active[0].num_tokens, text_len=text.shape[1])
-        inputs = ModelInputs(
+        return ModelInputs(
             batch=batch,
             tokens=_pad_rows(tokens, batch.padded_len),
             prompt_embeds=text,
@@ -402,15 +425,6 @@ class Engine:
             ),
             grid=grid,
         )
-        output = self.family.predict(inputs)
-        first = 0
-        for state in active:
-            prediction = output[first : first + state.rows, : state.computed_tokens]
-            first += state.rows
-            if state.rows == 2:  # classifier-free guidance, as the pipelines combine it
-                uncond, cond = prediction.chunk(2)
-                prediction = uncond + state.settings.guidance * (cond - uncond)
-            self._advance(state, prediction)
 
     @staticmethod
     def _advance(state: RequestState, prediction: torch.Tensor) -> None:
@@ -428,10 +442,13 @@ class Engine:
         state.step_index += 1
 
     # -- finishing ---------------------------------------------------------------
-    def final_latents(self, state: RequestState) -> torch.Tensor:
-        """Full-grid latents ``[1, N, C]``: the template's where the state computed nothing."""
+    def final_latents(self, state: RequestState) -> torch.Tensor | None:
+        """Full-grid latents ``[1, N, C]``: the template's where the state computed nothing.
+
+        ``None`` for an empty-mask edit of a raw image: nothing was denoised.
+        """
         if state.template is None:
-            return state.inputs.latents
+            return state.inputs.latents if state.computed_tokens else None
         latents = state.template.final_latents.clone()
         latents[:, state.token_index] = state.inputs.latents
         return latents

@@ -64,8 +64,9 @@ def decode_mask(data: ImageInput, size: tuple[int, int], *, max_pixels: int = DE
     """Decode a mask into a boolean ``[height, width]`` array, True where to edit.
 
     Any mode is accepted; it is converted to greyscale (an alpha channel is ignored)
-    and thresholded at :data:`MASK_THRESHOLD`, so a soft or anti-aliased mask edits
-    every pixel that is at least half white.
+    and thresholded at half its range (:data:`MASK_THRESHOLD` for 8 bits, 0.5 for
+    float images), so a soft or anti-aliased mask edits every pixel that is at least
+    half white.
 
     Args:
         size: ``(width, height)`` the mask must have (the template image's size).
@@ -75,6 +76,17 @@ def decode_mask(data: ImageInput, size: tuple[int, int], *, max_pixels: int = DE
         raise InvalidMask(
             f"mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; they must be equal"
         )
+    return _is_edited(mask)
+
+
+def _is_edited(mask: Image.Image) -> np.ndarray:
+    """Half of the mode's range is the cut; ``convert("L")`` would clip 16-bit values."""
+    if mask.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(mask).astype(np.int64) >= 32768
+    if mask.mode == "I":
+        return np.asarray(mask) >= 32768
+    if mask.mode == "F":
+        return np.asarray(mask) >= 0.5
     return np.asarray(mask.convert("L")) >= MASK_THRESHOLD
 
 

@@ -31,9 +31,12 @@ def pipeline_class_name(model_dir: Path) -> str:
     if not index.is_file():
         raise UnsupportedModel(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        return str(json.loads(index.read_text())["_class_name"])
-    except (ValueError, KeyError) as exc:
-        raise UnsupportedModel(f"{index} is not a valid model_index.json: {exc}") from exc
+        content = json.loads(index.read_text())
+    except ValueError as exc:
+        raise UnsupportedModel(f"{index} is not valid JSON: {exc}") from exc
+    if not isinstance(content, dict) or not isinstance(content.get("_class_name"), str):
+        raise UnsupportedModel(f"{index} has no pipeline _class_name")
+    return content["_class_name"]
 
 
 def family_class(class_name: str) -> type[Family]:

@@ -1,0 +1,200 @@
+"""How much faster is a masked transformer step than a full one?
+
+Measures, in one process with interleaved repeats, the transformer time of one
+denoising step on the masked path over the full path for several mask ratios, next
+to the FLOP fraction counted by ``torch.utils.flop_counter`` on the same calls, and
+one mixed batch of four masks against the four stepped alone. Writes JSON rows and a
+Markdown table (``docs/benchmarks/engine.md``).
+
+    python bench/engine.py --family flux-fill --size small --resolution 1024 \\
+        --mask-ratios 0.1,0.25,0.5,1.0 --json out/engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from instgenie import Engine, RequestState
+from instgenie.tiny import make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def template(resolution: int) -> bytes:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:resolution, 0:resolution] / resolution
+    channels = [np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y)) for _ in range(3)]
+    return png(((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8))
+
+
+def mask(resolution: int, ratio: float, token: int = 16, offset: int = 0) -> bytes:
+    """A token-aligned rectangle covering ``ratio`` of the image's tokens."""
+    cells = resolution // token
+    area = max(1, round(ratio * cells * cells))
+    width = min(cells, max(1, round(area**0.5)))
+    height = min(cells, -(-area // width))
+    pixels = np.zeros((resolution, resolution), np.uint8)
+    top = (offset * 3) % (cells - height + 1)
+    left = (offset * 5) % (cells - width + 1)
+    pixels[top * token : (top + height) * token, left * token : (left + width) * token] = 255
+    return png(pixels)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def flops(engine: Engine, states: list[RequestState]) -> int:
+    inputs = engine.model_inputs(states)
+    with FlopCounterMode(display=False) as counter:
+        engine.family.predict(inputs)
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="flux-fill", choices=("flux-fill", "flux-inpaint", "sd3-inpaint"))
+    parser.add_argument("--size", default="small", choices=("tiny", "small"))
+    parser.add_argument("--model", help="an existing pipeline folder instead of a generated one")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--mask-ratios", default="0.1,0.25,0.5,1.0")
+    parser.add_argument("--mixed-ratios", default="0.1,0.15,0.2,0.3", help="the mixed batch of four")
+    parser.add_argument("--text-len", type=int, default=512, help="text tokens (FLUX.1 uses 512)")
+    parser.add_argument("--steps", type=int, default=2, help="steps of the template recording")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--json", required=True, help="where to write the rows")
+    parser.add_argument("--markdown", default=str(ROOT / "docs/benchmarks/engine.md"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratios = [float(r) for r in args.mask_ratios.split(",")]
+    mixed = [float(r) for r in args.mixed_ratios.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or make_model(args.family, Path(tmp) / "model", size=args.size)
+        engine = Engine.from_pretrained(str(model_dir), max_sequence_length=args.text_len)
+        record = engine.register_template(template(args.resolution), "a photo of a room", seed=0, steps=args.steps)
+        print(f"template recorded: {record.activations.nbytes / 2**20:.0f} MiB of K/V for {args.steps} steps")
+
+        def edit(ratio: float, offset: int = 0, full: bool = False) -> RequestState:
+            return engine.prepare_edit(
+                mask(args.resolution, ratio, offset=offset), "a red sofa", template_id=record.template_id, full_compute=full
+            )
+
+        full_state = edit(1.0, full=True)
+        masked_states = {r: edit(r) for r in ratios}
+        mixed_states = [edit(r, offset=i + 1) for i, r in enumerate(mixed)]
+        calls: dict[str, list[RequestState]] = {"full": [full_state], "mixed": mixed_states}
+        calls.update({f"masked {r}": [s] for r, s in masked_states.items()})
+        calls.update({f"alone {i}": [s] for i, s in enumerate(mixed_states)})
+        inputs = {name: engine.model_inputs(states) for name, states in calls.items()}
+
+        for name in inputs:  # warm-up
+            engine.family.predict(inputs[name])
+        samples: dict[str, list[float]] = {name: [] for name in inputs}
+        for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
+            for name, model_inputs in inputs.items():
+                samples[name].append(timed(lambda: engine.family.predict(model_inputs)))
+        median = {name: statistics.median(values) for name, values in samples.items()}
+        full_flops = flops(engine, [full_state])
+
+    rows = []
+    for r, state in masked_states.items():
+        rows.append(
+            {
+                "mask_ratio": r,
+                "token_ratio": state.computed_tokens / state.num_tokens,
+                "flop_fraction": flops(engine, [state]) / full_flops,
+                "time_ratio": median[f"masked {r}"] / median["full"],
+            }
+        )
+    alone_sum = sum(median[f"alone {i}"] for i in range(len(mixed)))
+    mixed_row = {
+        "mask_ratios": mixed,
+        "batch_over_sum_alone": median["mixed"] / alone_sum,
+        "batch_over_full": median["mixed"] / median["full"],
+        "padded_tokens": int(inputs["mixed"].batch.padded_len),
+        "computed_tokens": [s.computed_tokens for s in mixed_states],
+    }
+    meta = {
+        "family": args.family,
+        "size": args.size,
+        "resolution": args.resolution,
+        "text_len": args.text_len,
+        "image_tokens": full_state.num_tokens,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "device": "cpu",
+    }
+    report = {"meta": meta, "rows": rows, "mixed_batch": mixed_row}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+
+    table = [
+        "| mask ratio | computed tokens | FLOP fraction | time ratio (masked / full) |",
+        "|---:|---:|---:|---:|",
+    ]
+    table += [
+        f"| {row['mask_ratio']:.2f} | {row['token_ratio']:.3f} | {row['flop_fraction']:.3f} | {row['time_ratio']:.3f} |"
+        for row in rows
+    ]
+    mixed_line = (
+        f"Mixed batch of four masks {mixed} (computed tokens {mixed_row['computed_tokens']}, padded to "
+        f"{mixed_row['padded_tokens']} per row): one batched step takes {mixed_row['batch_over_sum_alone']:.3f}x "
+        f"the sum of the four stepped alone ({mixed_row['batch_over_full']:.3f}x one full step)."
+    )
+    print("\n".join(table))
+    print(mixed_line)
+    markdown = [
+        "# Engine: masked vs full transformer step",
+        "",
+        "Written by `bench/engine.py`; ratios of medians measured side by side in one run "
+        f"({args.repeats} interleaved repeats after a warm-up). Transformer call of one denoising step only "
+        "(text encoding and VAE are off the step loop).",
+        "",
+        "Setup: " + ", ".join(f"{k}={v}" for k, v in meta.items()) + ".",
+        "",
+        *table,
+        "",
+        mixed_line,
+        "",
+        "Rows of one transformer call are padded to its longest row: diffusers' blocks take one "
+        "`[B, L, C]` tensor with per-row adaLN modulation, so packing rows without padding would mean "
+        "forking them. On a CPU batching saves no time per token, so a mixed batch costs its padded "
+        "token count; a step loop should batch requests of similar token counts together.",
+        "",
+        "Command: `python bench/engine.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
+        "",
+    ]
+    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.markdown).write_text("\n".join(markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
