@@ -144,3 +144,16 @@ def test_new_prompt_deviation_is_below_the_prompt_effect(engine: Engine) -> None
     )
     assert np.isfinite(deviation)
     assert deviation < prompt_effect
+
+
+def test_second_engine_over_one_pipeline_computes_the_same(engines: dict) -> None:
+    first = engines["sd3-inpaint"]
+    mask = png(rect_mask(0.25, seed=12))
+    record = first.register_template(png(template_image(12)), "a chair", seed=6, steps=2, mask=mask)
+    before = first.edit(mask, "a chair", template_id=record.template_id)
+
+    second = Engine(first.family.pipe, type(first.family), first.model_fingerprint, max_sequence_length=TEXT_LEN)
+    second.add_template(record)
+    after = second.edit(mask, "a chair", template_id=record.template_id)
+
+    assert torch.equal(before.latents, after.latents)

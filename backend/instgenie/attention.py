@@ -102,7 +102,7 @@ class TokenBatch:
         while padded_len < num_tokens and _small_query_tail(text_len + padded_len):
             padded_len += 1
         self.padded_len = padded_len
-        index = torch.empty(len(self.rows), self.padded_len, dtype=torch.long)
+        index = torch.empty(len(self.rows), self.padded_len, dtype=torch.long, device=self.rows[0].token_index.device)
         for b, row in enumerate(self.rows):
             n = self.lengths[b]
             index[b, :n] = row.token_index
@@ -119,12 +119,6 @@ class TokenBatch:
     @property
     def batch_size(self) -> int:
         return len(self.rows)
-
-    def to(self, device: torch.device) -> "TokenBatch":
-        self.padded_index = self.padded_index.to(device)
-        for row in self.rows:
-            row.token_index = row.token_index.to(device)
-        return self
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, N, C]`` -> ``[B, L, C]``: each row's computed tokens, padded."""

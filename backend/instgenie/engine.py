@@ -20,7 +20,7 @@ import logging
 import math
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -93,7 +93,6 @@ class RequestState:
     recording: TemplateActivations | None = None  # record K/V here (RECORD requests)
     full_inputs: LatentInputs | None = None  # RECORD requests keep the full-grid inputs
     step_index: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # for the serving layer
 
     @property
     def total_steps(self) -> int:
@@ -266,8 +265,8 @@ class Engine:
         family = self.family
         num_tokens = family.num_tokens(settings)
         computes_all = token_index is None or token_index.numel() == num_tokens
-        if computes_all:
-            token_index = torch.arange(num_tokens)
+        token_index = torch.arange(num_tokens) if computes_all else token_index
+        token_index = token_index.to(self.device)
         scheduler = family.new_scheduler()
         timesteps = family.schedule(scheduler, settings)
         reuse = template.inputs if template is not None and settings.seed == template.settings.seed else None
@@ -283,8 +282,8 @@ class Engine:
             image=image,
             pixel_mask=pixel_mask,
             num_tokens=num_tokens,
-            token_index=token_index.to(self.device),
-            inputs=full_inputs.select(token_index.to(self.device)),
+            token_index=token_index,
+            inputs=full_inputs.select(token_index),
             text=family.encode_prompt(prompt, settings),
             scheduler=scheduler,
             timesteps=timesteps,

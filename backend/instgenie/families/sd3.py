@@ -34,8 +34,14 @@ class SD3InpaintFamily(Family):
 
     # -- hooks -------------------------------------------------------------
     def install_processors(self) -> int:
-        self.transformer.pos_embed.register_forward_hook(self._keep_computed_tokens)
-        self.transformer.proj_out.register_forward_hook(self._capture_output)
+        # One adapter owns the hooks: a second adapter over the same pipeline replaces
+        # them instead of gathering tokens twice.
+        for handle in getattr(self.transformer, "_instgenie_hooks", ()):
+            handle.remove()
+        self.transformer._instgenie_hooks = (
+            self.transformer.pos_embed.register_forward_hook(self._keep_computed_tokens),
+            self.transformer.proj_out.register_forward_hook(self._capture_output),
+        )
         return install_masked_processors(self.transformer, MaskedJointAttnProcessor)
 
     def _keep_computed_tokens(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
