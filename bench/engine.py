@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[float]] = {name: [] for name in inputs}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for name, model_inputs in inputs.items():
-                samples[name].append(timed(lambda: engine.family.predict(model_inputs)))
+                samples[name].append(timed(lambda inputs=model_inputs: engine.family.predict(inputs)))
         median = {name: statistics.median(values) for name, values in samples.items()}
         full_flops = flops(engine, [full_state])
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import logging
 import math
 import threading
 import uuid
@@ -34,8 +33,6 @@ from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask
 from .loading import load_pipeline
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,6 @@ class TemplateRecord:
     inputs: LatentInputs  # full grid, before the first step
     final_latents: torch.Tensor  # [1, N, C]
     activations: TemplateActivations
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.final_latents.shape[1])
 
 
 @dataclass
@@ -109,10 +102,6 @@ class RequestState:
     @property
     def rows(self) -> int:
         return self.text.rows
-
-    @property
-    def mask_ratio(self) -> float:
-        return masking.mask_ratio(self.pixel_mask)
 
 
 @dataclass
@@ -353,20 +342,10 @@ class Engine:
         tokens = masking.token_indices(pixel_mask, self.family.pixels_per_token)
         if record is not None:
             tokens = masking.union(tokens, record.mask_tokens)
-        state = self._start(
-            RequestKind.EDIT,
-            settings,
-            prompt,
-            pil,
-            pixel_mask,
-            None if full_compute or record is None else tokens,
-            record,
-            request_id,
-        )
-        if tokens.numel() == 0:  # nothing to edit: done before the first step
-            state.token_index = tokens.to(self.device)
-            state.inputs = state.inputs.select(state.token_index)
-            state.template = record
+        nothing_to_edit = tokens.numel() == 0
+        computed = None if (full_compute or record is None) and not nothing_to_edit else tokens
+        state = self._start(RequestKind.EDIT, settings, prompt, pil, pixel_mask, computed, record, request_id)
+        if nothing_to_edit:
             state.step_index = state.total_steps
         return state
 

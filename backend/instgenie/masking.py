@@ -30,8 +30,3 @@ def token_indices(pixel_mask: np.ndarray, pixels_per_token: int) -> torch.Tensor
 def union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sorted union of two index sets."""
     return torch.unique(torch.cat([a, b]), sorted=True)
-
-
-def mask_ratio(pixel_mask: np.ndarray) -> float:
-    """Masked area over image area, in [0, 1]."""
-    return float(pixel_mask.mean()) if pixel_mask.size else 0.0

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import numpy as np
@@ -42,9 +42,6 @@ class GenerationSettings:
     strength: float = 1.0
     max_sequence_length: int = 512
     negative_prompt: str = ""
-
-    def with_seed(self, seed: int) -> "GenerationSettings":
-        return replace(self, seed=seed)
 
 
 @dataclass
@@ -144,10 +141,6 @@ class Family(ABC):
         return rows * cols
 
     # -- preparation (off the step loop) -------------------------------------
-    def rows_per_request(self, settings: GenerationSettings) -> int:
-        """Transformer rows one request takes: 2 with classifier-free guidance."""
-        return 1
-
     @contextlib.contextmanager
     def using_scheduler(self, scheduler: Any) -> Iterator[None]:
         """Run pipeline helpers against ``scheduler`` instead of the shared one."""

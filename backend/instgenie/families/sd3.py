@@ -77,9 +77,6 @@ class SD3InpaintFamily(Family):
         return x.reshape(b, c, h * p, w * p)
 
     # -- preparation -------------------------------------------------------
-    def rows_per_request(self, settings: GenerationSettings) -> int:
-        return 2 if settings.guidance > 1 else 1
-
     def schedule(self, scheduler: Any, settings: GenerationSettings) -> torch.Tensor:
         with self.using_scheduler(scheduler):
             retrieve_timesteps(scheduler, settings.steps, self.device)
@@ -87,7 +84,7 @@ class SD3InpaintFamily(Family):
         return timesteps
 
     def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
-        cfg = self.rows_per_request(settings) == 2
+        cfg = settings.guidance > 1  # classifier-free guidance, as the pipeline decides it
         with torch.no_grad():
             embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
                 prompt=prompt,
