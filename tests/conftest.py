@@ -63,3 +63,29 @@ def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# -- a real Triton server over the tiny flux-fill model ---------------------------------
+
+SERVED_FAMILY = "flux-fill"
+SERVER_MAX_WAITING = 6  # small, so queue-full is reachable in tests
+
+
+@pytest.fixture(scope="session")
+def triton_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """A tritonserver serving ``model_repository/`` with the tiny flux-fill model (session-wide)."""
+    from instgenie_server.launcher import TritonServer, default_model_repository, models_with_parameter, render_repository
+
+    source = default_model_repository()
+    parameters = {
+        "model_dir": str(model_dirs[SERVED_FAMILY]),
+        "max_sequence_length": str(TEXT_LEN),
+        "max_active": "4",
+        "max_waiting": str(SERVER_MAX_WAITING),
+        "drain_timeout_s": "20",
+    }
+    root = tmp_path_factory.mktemp("triton")
+    repository = render_repository(source, root / "models", {name: parameters for name in models_with_parameter(source, "model_dir")})
+    server = TritonServer(repository, log_file=root / "server.log")
+    with server:
+        yield server

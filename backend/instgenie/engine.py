@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import math
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -29,11 +31,12 @@ from PIL import Image
 from . import masking
 from .activations import TemplateActivations
 from .attention import TokenBatch, TokenRow
-from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
+from .errors import CacheBudgetExceeded, InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask
 from .loading import load_pipeline
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -42,6 +45,7 @@ class EngineLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_steps: int = 100
     max_guidance: float = 100.0
+    template_budget_bytes: int | None = None  # recorded K/V kept in memory; least recently used go first
 
 
 class RequestKind(enum.Enum):
@@ -103,6 +107,16 @@ class RequestState:
     def rows(self) -> int:
         return self.text.rows
 
+    @property
+    def grid_key(self) -> tuple[int, int]:
+        """(width, height): states of one resolution can share a transformer call."""
+        return self.settings.width, self.settings.height
+
+    @property
+    def remaining_token_steps(self) -> int:
+        """Row-tokens still to compute: the request's share of the remaining work."""
+        return self.rows * self.computed_tokens * (self.total_steps - self.step_index)
+
 
 @dataclass
 class EditResult:
@@ -112,6 +126,49 @@ class EditResult:
     computed_tokens: int
     num_tokens: int
     template_id: str | None
+
+
+def request_settings(
+    family: Family | type[Family],
+    limits: EngineLimits,
+    max_sequence_length: int,
+    image: Image.Image,
+    seed: int | None,
+    steps: int | None,
+    guidance: float | None,
+) -> GenerationSettings:
+    """Validated settings of a request on ``image``, with the family's defaults filled in.
+
+    Module-level so that the diffusers baseline validates exactly like the engine.
+    """
+    check_grid(image.width, image.height, family.pixels_per_token)
+    steps = family.default_steps if steps is None else steps
+    guidance = family.default_guidance if guidance is None else guidance
+    seed = 0 if seed is None else seed
+    check_numbers(limits, steps, guidance, seed)
+    return GenerationSettings(
+        width=image.width,
+        height=image.height,
+        steps=steps,
+        guidance=float(guidance),
+        seed=seed,
+        max_sequence_length=max_sequence_length,
+    )
+
+
+def check_numbers(limits: EngineLimits, steps: int | None, guidance: float | None, seed: int | None) -> None:
+    """Type and range checks of the numeric request fields that are given."""
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limits.max_steps
+    ):
+        raise InvalidInput(f"steps must be an integer in [1, {limits.max_steps}], got {steps!r}")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise InvalidInput(f"guidance must be a finite number, got {guidance!r}")
+        if not 0 <= guidance <= limits.max_guidance:
+            raise InvalidInput(f"guidance must be in [0, {limits.max_guidance}], got {guidance}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InvalidInput(f"seed must be a non-negative 64-bit integer, got {seed!r}")
 
 
 class Engine:
@@ -134,7 +191,7 @@ class Engine:
         self.model_fingerprint = model_fingerprint
         self.max_sequence_length = max_sequence_length
         self.limits = limits
-        self._templates: dict[str, TemplateRecord] = {}
+        self._templates: OrderedDict[str, TemplateRecord] = OrderedDict()  # least recently used first
         self._templates_lock = threading.Lock()
 
     @classmethod
@@ -163,13 +220,33 @@ class Engine:
     def template(self, template_id: str) -> TemplateRecord:
         with self._templates_lock:
             record = self._templates.get(template_id)
+            if record is not None:
+                self._templates.move_to_end(template_id)
         if record is None:
-            raise UnknownTemplate(f"unknown template {template_id!r}; register it first")
+            raise UnknownTemplate(f"unknown template {template_id!r}; register it (again) first")
         return record
 
     def add_template(self, record: TemplateRecord) -> None:
+        """Keep ``record``; evict least recently used templates beyond the memory budget.
+
+        Requests already running hold their template and are unaffected by eviction.
+        """
+        budget = self.limits.template_budget_bytes
+        size = record.activations.nbytes
+        if budget is not None and size > budget:
+            raise CacheBudgetExceeded(
+                f"template {record.template_id} records {size} bytes of K/V; the cache budget is {budget} bytes"
+            )
         with self._templates_lock:
             self._templates[record.template_id] = record
+            self._templates.move_to_end(record.template_id)
+            while budget is not None and sum(r.activations.nbytes for r in self._templates.values()) > budget:
+                evicted, _ = self._templates.popitem(last=False)
+                log.info("evicted template %s (cache budget %d bytes)", evicted, budget)
+
+    def has_template(self, template_id: str) -> bool:
+        with self._templates_lock:
+            return template_id in self._templates
 
     def template_ids(self) -> list[str]:
         with self._templates_lock:
@@ -179,34 +256,10 @@ class Engine:
     def _settings(
         self, image: Image.Image, seed: int | None, steps: int | None, guidance: float | None
     ) -> GenerationSettings:
-        family = self.family
-        check_grid(image.width, image.height, family.pixels_per_token)
-        steps = family.default_steps if steps is None else steps
-        guidance = family.default_guidance if guidance is None else guidance
-        seed = 0 if seed is None else seed
-        self._check_numbers(steps, guidance, seed)
-        return GenerationSettings(
-            width=image.width,
-            height=image.height,
-            steps=steps,
-            guidance=float(guidance),
-            seed=seed,
-            max_sequence_length=self.max_sequence_length,
-        )
+        return request_settings(self.family, self.limits, self.max_sequence_length, image, seed, steps, guidance)
 
     def _check_numbers(self, steps: int | None, guidance: float | None, seed: int | None) -> None:
-        """Type and range checks of the numeric request fields that are given."""
-        if steps is not None and (
-            isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.limits.max_steps
-        ):
-            raise InvalidInput(f"steps must be an integer in [1, {self.limits.max_steps}], got {steps!r}")
-        if guidance is not None:
-            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-                raise InvalidInput(f"guidance must be a finite number, got {guidance!r}")
-            if not 0 <= guidance <= self.limits.max_guidance:
-                raise InvalidInput(f"guidance must be in [0, {self.limits.max_guidance}], got {guidance}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise InvalidInput(f"seed must be a non-negative 64-bit integer, got {seed!r}")
+        check_numbers(self.limits, steps, guidance, seed)
 
     def _template_settings(
         self, record: TemplateRecord, seed: int | None, steps: int | None, guidance: float | None

@@ -57,3 +57,33 @@ class UnsupportedModel(InstGenIEError):
     """The model folder holds a pipeline class no family adapter supports."""
 
     reason = "unsupported_model"
+
+
+class QueueFull(InstGenIEError):
+    """The waiting queue is at its bound; retry later or elsewhere (nothing was dropped)."""
+
+    reason = "queue_full"
+
+
+class ShuttingDown(InstGenIEError):
+    """The server is draining and accepts no new work."""
+
+    reason = "shutting_down"
+
+
+class Cancelled(InstGenIEError):
+    """The client cancelled the request; it left the batch and freed its slot."""
+
+    reason = "cancelled"
+
+
+class InternalError(InstGenIEError):
+    """A bug or resource failure on the server, not the request's fault."""
+
+    reason = "internal"
+
+
+class CacheBudgetExceeded(InstGenIEError):
+    """One template's recorded activations do not fit the cache budget."""
+
+    reason = "cache_budget_exceeded"

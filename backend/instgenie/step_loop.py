@@ -1,0 +1,445 @@
+"""Step-level continuous batching: one thread owns the model and steps every active request.
+
+A request joins the running batch at the next step after it is prepared and
+leaves the moment it finishes, so short edits never wait for long ones. Work that
+is not a denoising step (decoding bytes, prompt encoding, VAE encode/decode, PNG
+encoding) runs on a small worker pool at a lower CPU priority: it fills the gaps
+instead of stretching the step cadence. Workers keep the process's intra-op thread
+count: CPU kernels round differently with another thread count, and exactness
+against the full computation (or another process) needs identical kernels.
+
+The loop knows nothing about Triton. A caller hands it an :class:`EditRequest` with a
+:class:`JobSink`; the loop calls ``progress`` after every step and exactly one of
+``finish`` / ``fail``, whatever happens (bad input, queue full, cancellation,
+shutdown, a crash inside a step): no request is ever left hanging.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .engine import Engine, RequestState
+from .errors import Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
+from .imaging import encode_png
+from .scheduler import FcfsScheduler
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("edit", "register")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """A decoded client request: an edit, or the registration of a template."""
+
+    request_id: str
+    action: str = "edit"
+    prompt: str = ""
+    mask: bytes | None = None  # edit region (register: the template's own region, optional)
+    image: bytes | None = None  # template image to register, or a raw image to edit
+    template_id: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    full_compute: bool = False
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a finished job returns."""
+
+    request_id: str
+    template_id: str | None
+    png: bytes | None  # the edited image; None for a registration
+    computed_tokens: int
+    num_tokens: int
+    total_steps: int
+    latents: torch.Tensor | None = None  # [1, N, C] final latents of an edit (None if nothing was denoised)
+
+
+class JobSink(Protocol):
+    """Where a job's events go (a Triton response sender, a test's recorder...)."""
+
+    def cancelled(self) -> bool: ...
+
+    def progress(self, step: int, total_steps: int) -> None: ...
+
+    def finish(self, outcome: JobOutcome) -> None: ...
+
+    def fail(self, error: InstGenIEError) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopLoad:
+    """A snapshot of the loop's work.
+
+    ``masked_tokens``: row-tokens the next step computes. ``outstanding_token_steps``:
+    row-tokens times remaining steps over active and prepared requests: the
+    remaining work, which a router balances.
+    """
+
+    active: int = 0
+    waiting: int = 0  # accepted, not stepping yet (being prepared, or prepared)
+    preparing: int = 0
+    finishing: int = 0
+    masked_tokens: int = 0
+    outstanding_token_steps: int = 0
+
+
+class LoopObserver:
+    """Hooks for metrics and logs; every method is optional and must be cheap."""
+
+    def load(self, load: LoopLoad) -> None:
+        pass
+
+    def step(self, duration_s: float, batch_size: int, row_tokens: int) -> None:
+        pass
+
+    def joined(self, steps_waited: int) -> None:
+        """A prepared request joined the batch after ``steps_waited`` loop steps (0 or 1 unless the batch is full)."""
+
+    def first_step(self, wait_s: float) -> None:
+        pass
+
+    def finished(self, latency_s: float) -> None:
+        pass
+
+    def failed(self, reason: str) -> None:
+        pass
+
+    def template_lookup(self, hit: bool) -> None:
+        pass
+
+
+class _Phase(enum.Enum):
+    PREPARING = "preparing"
+    WAITING = "waiting"
+    ACTIVE = "active"
+    FINISHING = "finishing"
+
+
+@dataclass(eq=False)
+class _Job:
+    request: EditRequest
+    sink: JobSink
+    arrived: float
+    phase: _Phase = _Phase.PREPARING
+    state: RequestState | None = None
+    ready_at_step: int = 0  # the loop's step count when the job became ready
+    first_step_at: float | None = None
+
+
+@dataclass
+class _Queues:
+    jobs: set[_Job] = field(default_factory=set)  # every job not yet settled
+    ready: list[_Job] = field(default_factory=list)  # prepared, waiting for admission, in arrival order
+
+
+class StepLoop:
+    """The serving loop over one :class:`~instgenie.Engine`.
+
+    ``max_waiting`` bounds requests accepted but not yet stepping (being prepared
+    or prepared): beyond it ``submit`` fails the request at once with
+    :class:`~instgenie.errors.QueueFull`. The running batch is bounded by the
+    scheduler's ``max_active``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        scheduler: FcfsScheduler | None = None,
+        max_waiting: int = 64,
+        workers: int = 2,
+        worker_nice: int = 10,
+        observer: LoopObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        self.engine = engine
+        self.scheduler = scheduler or FcfsScheduler()
+        self.max_waiting = max_waiting
+        self.observer = observer or LoopObserver()
+        self._clock = clock
+        self._worker_nice = worker_nice
+        self._torch_threads = torch.get_num_threads()
+        self._queues = _Queues()
+        self._active: list[_Job] = []  # owned by the loop thread
+        self._steps_done = 0  # loop steps so far
+        self._cond = threading.Condition()
+        self._closing = False  # no new requests
+        self._stopping = False  # the loop thread exits
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="instgenie-worker", initializer=self._init_worker)
+        self._thread = threading.Thread(target=self._run, name="instgenie-step-loop", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------
+    def submit(self, request: EditRequest, sink: JobSink) -> None:
+        """Accept a request; its sink hears of it until exactly one ``finish`` / ``fail``."""
+        job = _Job(request, sink, arrived=self._clock())
+        with self._cond:
+            waiting = sum(j.phase in (_Phase.PREPARING, _Phase.WAITING) for j in self._queues.jobs)
+            if self._closing:
+                error: InstGenIEError | None = ShuttingDown("the server is shutting down; send the request elsewhere")
+            elif waiting >= self.max_waiting:
+                error = QueueFull(f"{waiting} requests are waiting (max_waiting={self.max_waiting}); retry later")
+            else:
+                error = None
+                self._queues.jobs.add(job)
+        if error is not None:
+            self._notify(job, "fail", error)
+            self.observer.failed(error.reason)
+            return
+        self._publish_load()
+        self._pool.submit(self._guarded, job, self._prepare)
+
+    def load(self) -> LoopLoad:
+        with self._cond:
+            jobs = list(self._queues.jobs)
+        states = [j.state for j in jobs if j.state is not None and j.phase in (_Phase.WAITING, _Phase.ACTIVE)]
+        return LoopLoad(
+            active=sum(j.phase is _Phase.ACTIVE for j in jobs),
+            waiting=sum(j.phase in (_Phase.PREPARING, _Phase.WAITING) for j in jobs),
+            preparing=sum(j.phase is _Phase.PREPARING for j in jobs),
+            finishing=sum(j.phase is _Phase.FINISHING for j in jobs),
+            masked_tokens=sum(j.state.rows * j.state.computed_tokens for j in jobs if j.phase is _Phase.ACTIVE and j.state),
+            outstanding_token_steps=sum(s.remaining_token_steps for s in states),
+        )
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait up to ``timeout_s`` for accepted ones to settle."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._closing = True
+            while self._queues.jobs:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
+
+    def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Drain for up to ``drain_timeout_s``, then fail whatever is left with ``ShuttingDown``."""
+        self.drain(drain_timeout_s)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._cond:
+            left = list(self._queues.jobs)
+        for job in left:
+            self._fail(job, ShuttingDown("the server shut down before the request finished; retry it"))
+
+    # -- worker side -------------------------------------------------------------------
+    def _init_worker(self) -> None:
+        # torch's intra-op thread count is per thread; keep the loop's (see module doc).
+        torch.set_num_threads(self._torch_threads)
+        # A lower priority (inherited by the worker's intra-op threads): pre/post-processing
+        # yields the cores to the step loop instead of stretching its steps.
+        if self._worker_nice and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._worker_nice)
+            except OSError:
+                log.debug("could not lower the worker thread's priority", exc_info=True)
+
+    def _guarded(self, job: _Job, work: Callable[[_Job], None]) -> None:
+        try:
+            if job.sink.cancelled():
+                raise Cancelled("cancelled by the client")
+            work(job)
+        except InstGenIEError as error:
+            self._fail(job, error)
+        except Exception as error:  # a bug must fail one request, not the worker
+            log.exception("request %s failed", job.request.request_id)
+            self._fail(job, InternalError(f"{type(error).__name__}: {error}"))
+
+    def _prepare(self, job: _Job) -> None:
+        request, engine = job.request, self.engine
+        if request.action == "register":
+            if request.image is None:
+                raise InvalidInput("register needs IMAGE (the template picture)")
+            state = engine.prepare_template(
+                request.image,
+                request.prompt,
+                seed=request.seed,
+                steps=request.steps,
+                guidance=request.guidance,
+                mask=request.mask,
+                request_id=request.request_id,
+            )
+            template_id = engine.template_id(state)
+            known = engine.has_template(template_id)
+            self.observer.template_lookup(known)
+            if known:  # registration is idempotent: same content and settings, same id
+                self._settle(job, JobOutcome(request.request_id, template_id, None, 0, state.num_tokens, 0))
+                return
+        elif request.action == "edit":
+            if request.mask is None:
+                raise InvalidInput("edit needs MASK (white = the region to edit)")
+            if request.template_id is not None:
+                try:
+                    engine.template(request.template_id)
+                except UnknownTemplate:
+                    self.observer.template_lookup(False)
+                    raise
+                self.observer.template_lookup(True)
+            state = engine.prepare_edit(
+                request.mask,
+                request.prompt,
+                template_id=request.template_id,
+                image=request.image,
+                seed=request.seed,
+                steps=request.steps,
+                guidance=request.guidance,
+                full_compute=request.full_compute,
+                request_id=request.request_id,
+            )
+        else:
+            raise InvalidInput(f"unknown action {request.action!r}; expected one of {', '.join(ACTIONS)}")
+        job.state = state
+        if state.done:  # an empty mask: nothing to denoise
+            job.phase = _Phase.FINISHING
+            self._finish(job)
+            return
+        with self._cond:
+            job.phase = _Phase.WAITING
+            job.ready_at_step = self._steps_done
+            self._queues.ready.append(job)
+            self._cond.notify_all()
+        self._publish_load()
+
+    def _finish(self, job: _Job) -> None:
+        state, engine = job.state, self.engine
+        assert state is not None
+        if job.request.action == "register":
+            record = engine.finish_template(state)
+            outcome = JobOutcome(
+                job.request.request_id, record.template_id, None, state.computed_tokens, state.num_tokens, state.total_steps
+            )
+        else:
+            result = engine.finish_edit(state)
+            outcome = JobOutcome(
+                result.request_id,
+                result.template_id,
+                encode_png(result.image),
+                result.computed_tokens,
+                result.num_tokens,
+                state.total_steps,
+                result.latents,
+            )
+        self._settle(job, outcome)
+
+    # -- settling --------------------------------------------------------------------------
+    def _take(self, job: _Job) -> bool:
+        """Remove ``job`` from the books; ``False`` if something settled it already."""
+        with self._cond:
+            if job not in self._queues.jobs:
+                return False
+            self._queues.jobs.discard(job)
+            if job in self._queues.ready:
+                self._queues.ready.remove(job)
+            self._cond.notify_all()
+        return True
+
+    def _settle(self, job: _Job, outcome: JobOutcome) -> None:
+        if not self._take(job):
+            return
+        self._notify(job, "finish", outcome)
+        self.observer.finished(self._clock() - job.arrived)
+        self._publish_load()
+
+    def _fail(self, job: _Job, error: InstGenIEError) -> None:
+        if not self._take(job):
+            return
+        log.info("request %s: %s: %s", job.request.request_id, error.reason, error)
+        self._notify(job, "fail", error)
+        self.observer.failed(error.reason)
+        self._publish_load()
+
+    @staticmethod
+    def _notify(job: _Job, event: str, *payload: object) -> None:
+        try:
+            getattr(job.sink, event)(*payload)
+        except Exception:  # a broken sink (client gone) must not take the loop down
+            log.exception("request %s: sink.%s raised", job.request.request_id, event)
+
+    def _publish_load(self) -> None:
+        self.observer.load(self.load())
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._active and not self._queues.ready and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                waiting = list(self._queues.ready)
+            self._drop_cancelled(waiting)
+            with self._cond:
+                ready = self._queues.ready
+                picks = self.scheduler.admit([j.state for j in self._active], [j.state for j in ready])  # type: ignore[misc]
+                joining = [ready[i] for i in picks]
+                for job in joining:
+                    ready.remove(job)
+                    job.phase = _Phase.ACTIVE
+                steps_done = self._steps_done
+            for job in joining:
+                self.observer.joined(steps_done - job.ready_at_step)
+            self._active.extend(joining)
+            if self._active:
+                self._step()
+
+    def _drop_cancelled(self, waiting: list[_Job]) -> None:
+        for job in [*waiting, *self._active]:
+            if job.sink.cancelled():
+                if job in self._active:
+                    self._active.remove(job)
+                self._fail(job, Cancelled("cancelled by the client"))
+
+    def _step(self) -> None:
+        batch = self._active
+        states = [j.state for j in batch]
+        started = self._clock()
+        try:
+            self.engine.step(states)  # type: ignore[arg-type]
+        except Exception as error:  # keep serving: fail this batch, not the server
+            log.exception("step failed for %d requests", len(batch))
+            self._active = []
+            for job in batch:
+                self._fail(job, InternalError(f"the denoising step failed: {type(error).__name__}: {error}"))
+            return
+        now = self._clock()
+        with self._cond:
+            self._steps_done += 1
+        self.observer.step(now - started, len(batch), sum(s.rows * s.computed_tokens for s in states))  # type: ignore[union-attr]
+        still: list[_Job] = []
+        for job in batch:
+            state = job.state
+            assert state is not None
+            if job.first_step_at is None:
+                job.first_step_at = now
+                self.observer.first_step(now - job.arrived)
+            self._notify(job, "progress", state.step_index, state.total_steps)
+            if state.done:
+                job.phase = _Phase.FINISHING
+                self._pool.submit(self._guarded, job, self._finish)
+            else:
+                still.append(job)
+        self._active = still
+        self._publish_load()

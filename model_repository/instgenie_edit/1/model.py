@@ -1,0 +1,67 @@
+"""Triton adapter of the InstGenIE step loop (decoupled): tensors in, loop calls, responses out."""
+
+import logging
+import uuid
+
+import triton_python_backend_utils as pb_utils
+
+from instgenie import Engine
+from instgenie.errors import InstGenIEError
+from instgenie.step_loop import StepLoop
+from instgenie.scheduler import FcfsScheduler
+from instgenie_server.config import ModelParameters
+from instgenie_server.metrics import GpuMetrics, TritonLoopMetrics
+from instgenie_server.responses import TritonJobSink
+from instgenie_server.tensors import parse_request, template_list_outputs
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.params = ModelParameters.from_args(args)
+        self.engine = Engine.from_pretrained(
+            self.params.model_dir,
+            device=self.params.device,
+            dtype=self.params.torch_dtype,
+            max_sequence_length=self.params.max_sequence_length,
+            limits=self.params.limits,
+        )
+        labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
+        self.metrics = TritonLoopMetrics(pb_utils, labels)
+        self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
+        self.loop = StepLoop(
+            self.engine,
+            scheduler=FcfsScheduler(self.params.scheduler),
+            max_waiting=self.params.max_waiting,
+            workers=self.params.workers,
+            worker_nice=self.params.worker_nice,
+            observer=self.metrics,
+        )
+
+    def execute(self, requests):
+        for request in requests:
+            request_id = request.request_id() or uuid.uuid4().hex
+            sink = None
+            try:
+                parsed = parse_request(lambda name: _input(request, name), request_id)
+                sink = TritonJobSink(pb_utils, request, request_id, progress=parsed.progress, base64_output=parsed.base64_output)
+                if parsed.action == "list":
+                    sink.send_outputs(template_list_outputs(request_id, self.engine.template_ids()))
+                else:
+                    self.loop.submit(parsed.request, sink)
+            except InstGenIEError as error:
+                self.metrics.failed(error.reason)
+                sender = sink or TritonJobSink(pb_utils, request, request_id, progress=False, base64_output=False)
+                sender.fail(error)
+        return None
+
+    def finalize(self):
+        self.loop.stop(drain_timeout_s=self.params.drain_timeout_s)
+        if self.gpu_metrics is not None:
+            self.gpu_metrics.close()
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()

@@ -1,0 +1,71 @@
+"""Typed ``config.pbtxt`` parameters of the InstGenIE Triton models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+
+from instgenie import EngineLimits
+from instgenie.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class ModelParameters:
+    """Every knob a model reads from its ``parameters { key: ... }`` entries.
+
+    Sizes are bytes, times seconds. Empty strings in the config mean "default".
+    """
+
+    model_dir: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_sequence_length: int = 512
+    max_active: int = 8  # requests stepping together
+    max_waiting: int = 64  # accepted but not stepping; beyond: queue_full
+    max_batch_tokens: int = 0  # rows x longest row per step; 0 = unbounded
+    workers: int = 2  # pre/post-processing threads
+    worker_nice: int = 10  # their CPU priority offset
+    cache_budget_bytes: int = 0  # template K/V kept in memory; 0 = unbounded
+    max_pixels: int = EngineLimits.max_pixels
+    max_steps: int = EngineLimits.max_steps
+    drain_timeout_s: float = 60.0  # finalize() lets in-flight requests finish this long
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> "ModelParameters":
+        """From the ``args`` Triton passes to ``initialize``."""
+        config = json.loads(args["model_config"])
+        raw = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        return cls.from_strings(raw)
+
+    @classmethod
+    def from_strings(cls, raw: Mapping[str, str]) -> "ModelParameters":
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            text = raw.get(field.name, "").strip()
+            if text:
+                kind = type(getattr(cls, field.name))
+                values[field.name] = kind(text)
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model parameters: {', '.join(sorted(unknown))}")
+        params = cls(**values)
+        if not params.model_dir:
+            raise ValueError("parameter model_dir is empty: point it at a diffusers pipeline folder (instgenie serve --model)")
+        return params
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def limits(self) -> EngineLimits:
+        return EngineLimits(
+            max_pixels=self.max_pixels, max_steps=self.max_steps, template_budget_bytes=self.cache_budget_bytes or None
+        )
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(max_active=self.max_active, max_batch_tokens=self.max_batch_tokens or None)

@@ -1,0 +1,148 @@
+"""Prometheus metrics of the step loop, as Triton custom metrics.
+
+Triton's own metrics time only ``execute()`` of a decoupled model (which merely
+enqueues), so end-to-end, step and queue figures are ours. Every series carries
+``model``, ``version`` and ``instance`` labels. ``pb_utils`` is passed in: it exists
+only inside the Python backend stub.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from instgenie.step_loop import LoopLoad, LoopObserver
+
+log = logging.getLogger(__name__)
+
+STEP_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+REQUEST_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0]
+
+_GAUGES = {
+    "active": ("instgenie_active_requests", "Requests in the running batch"),
+    "waiting": ("instgenie_waiting_requests", "Requests accepted but not stepping yet (preparing or queued)"),
+    "masked_tokens": ("instgenie_masked_tokens", "Row-tokens computed by the next step (tokens in flight)"),
+    "outstanding_token_steps": (
+        "instgenie_outstanding_token_steps",
+        "Row-tokens x remaining steps of active and queued requests: the router's load signal",
+    ),
+}
+
+
+class TritonLoopMetrics(LoopObserver):
+    """A :class:`~instgenie.step_loop.LoopObserver` writing Triton custom metrics."""
+
+    def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
+        self._pb = pb_utils
+        self._labels = dict(labels)
+        self._families: list[Any] = []  # a Metric dies with its MetricFamily: keep them alive
+        kinds = pb_utils.MetricFamily
+        self._gauges = {
+            field: self._metric(name, text, kinds.GAUGE) for field, (name, text) in _GAUGES.items()
+        }
+        self._step_seconds = self._histogram("instgenie_step_duration_seconds", "Duration of one batched denoising step", STEP_BUCKETS_S)
+        self._request_seconds = self._histogram(
+            "instgenie_request_duration_seconds", "Arrival to final response of requests that finished", REQUEST_BUCKETS_S
+        )
+        self._first_step_seconds = self._histogram(
+            "instgenie_time_to_first_step_seconds", "Arrival to the end of a request's first step", REQUEST_BUCKETS_S
+        )
+        self._steps = self._metric("instgenie_steps_total", "Batched denoising steps run", kinds.COUNTER)
+        self._row_tokens = self._metric("instgenie_computed_row_tokens_total", "Row-tokens computed by all steps", kinds.COUNTER)
+        self._completed = self._metric("instgenie_requests_completed_total", "Requests that finished with a result", kinds.COUNTER)
+        self._cancellations = self._metric("instgenie_cancellations_total", "Requests cancelled by their client", kinds.COUNTER)
+        lookups = self._family(
+            "instgenie_template_cache_lookups_total", "Template cache lookups by result (hit, miss)", kinds.COUNTER
+        )
+        self._lookups = {result: lookups.Metric(labels={**self._labels, "result": result}) for result in ("hit", "miss")}
+        self._errors_family = self._family(
+            "instgenie_errors_total", "Requests that ended with an error, by reason", kinds.COUNTER
+        )
+        self._errors: dict[str, Any] = {}
+        self._errors_lock = threading.Lock()
+
+    def _family(self, name: str, description: str, kind: Any) -> Any:
+        family = self._pb.MetricFamily(name=name, description=description, kind=kind)
+        self._families.append(family)
+        return family
+
+    def _metric(self, name: str, description: str, kind: Any) -> Any:
+        return self._family(name, description, kind).Metric(labels=self._labels)
+
+    def _histogram(self, name: str, description: str, buckets: list[float]) -> Any:
+        family = self._family(name, description, self._pb.MetricFamily.HISTOGRAM)
+        return family.Metric(labels=self._labels, buckets=buckets)
+
+    # -- LoopObserver ---------------------------------------------------------------
+    def load(self, load: LoopLoad) -> None:
+        for field, gauge in self._gauges.items():
+            gauge.set(float(getattr(load, field)))
+
+    def step(self, duration_s: float, batch_size: int, row_tokens: int) -> None:
+        self._step_seconds.observe(duration_s)
+        self._steps.increment(1)
+        self._row_tokens.increment(float(row_tokens))
+
+    def first_step(self, wait_s: float) -> None:
+        self._first_step_seconds.observe(wait_s)
+
+    def finished(self, latency_s: float) -> None:
+        self._request_seconds.observe(latency_s)
+        self._completed.increment(1)
+
+    def failed(self, reason: str) -> None:
+        if reason == "cancelled":
+            self._cancellations.increment(1)
+        with self._errors_lock:
+            counter = self._errors.get(reason)
+            if counter is None:
+                counter = self._errors[reason] = self._errors_family.Metric(labels={**self._labels, "reason": reason})
+        counter.increment(1)
+
+    def template_lookup(self, hit: bool) -> None:
+        self._lookups["hit" if hit else "miss"].increment(1)
+
+
+class GpuMetrics:
+    """GPU utilisation and memory from NVML, polled on a thread; absent (not failing) without a GPU."""
+
+    def __init__(self, pb_utils: Any, labels: dict[str, str], device_index: int, interval_s: float = 1.0) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        except Exception as exc:  # no driver, no GPU, no nvidia-ml-py: CPU serving
+            log.info("no GPU metrics: %s", exc)
+            self._handle = None
+            return
+        self._nvml = pynvml
+        gauge = pb_utils.MetricFamily.GAUGE
+        labels = {**labels, "gpu": str(device_index)}
+        self._families = [
+            pb_utils.MetricFamily(name="instgenie_gpu_utilization_ratio", description="GPU busy fraction (NVML)", kind=gauge),
+            pb_utils.MetricFamily(name="instgenie_gpu_memory_used_bytes", description="GPU memory in use (NVML)", kind=gauge),
+        ]
+        self._utilization, self._memory = (family.Metric(labels=labels) for family in self._families)
+        self._stop = threading.Event()
+        self._interval_s = interval_s
+        self._thread = threading.Thread(target=self._poll, name="instgenie-nvml", daemon=True)
+        self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self._handle is not None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._utilization.set(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0)
+                self._memory.set(float(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used))
+            except Exception:
+                log.warning("NVML poll failed", exc_info=True)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._stop.set()
+            self._thread.join()

@@ -1,0 +1,62 @@
+"""A step-loop job sink that answers through a Triton decoupled response sender."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from instgenie.errors import InstGenIEError
+from instgenie.step_loop import JobOutcome
+from instgenie_client.protocol import error_message
+
+from .tensors import outcome_outputs, progress_outputs
+
+log = logging.getLogger(__name__)
+
+# error reason -> name of the pb_utils.TritonError code
+_CODES = {"queue_full": "UNAVAILABLE", "shutting_down": "UNAVAILABLE", "cancelled": "CANCELLED", "internal": "INTERNAL"}
+
+
+def triton_error(pb_utils: Any, request_id: str, error: InstGenIEError) -> Any:
+    code_name = _CODES.get(error.reason, "INVALID_ARG")
+    code = getattr(pb_utils.TritonError, code_name, pb_utils.TritonError.INTERNAL)
+    return pb_utils.TritonError(error_message(request_id, error.reason, str(error)), code)
+
+
+def response(pb_utils: Any, outputs: dict[str, np.ndarray]) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
+
+
+class TritonJobSink:
+    """Progress responses (when asked for) and exactly one final response per request."""
+
+    def __init__(self, pb_utils: Any, request: Any, request_id: str, *, progress: bool, base64_output: bool) -> None:
+        self._pb = pb_utils
+        self._request = request  # keeps the request alive until it is answered
+        self._sender = request.get_response_sender()
+        self.request_id = request_id
+        self._progress = progress
+        self._base64_output = base64_output
+
+    def cancelled(self) -> bool:
+        return bool(self._sender.is_cancelled())
+
+    def progress(self, step: int, total_steps: int) -> None:
+        if self._progress:
+            self._sender.send(response(self._pb, progress_outputs(self.request_id, step, total_steps)))
+
+    def finish(self, outcome: JobOutcome) -> None:
+        final = response(self._pb, outcome_outputs(outcome, self._base64_output))
+        self._sender.send(final, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def send_outputs(self, outputs: dict[str, np.ndarray]) -> None:
+        """A final response outside the step loop (e.g. the template list)."""
+        self._sender.send(response(self._pb, outputs), flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def fail(self, error: InstGenIEError) -> None:
+        self._sender.send(
+            self._pb.InferenceResponse(error=triton_error(self._pb, self.request_id, error)),
+            flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
