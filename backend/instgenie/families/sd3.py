@@ -34,15 +34,25 @@ class SD3InpaintFamily(Family):
 
     # -- hooks -------------------------------------------------------------
     def install_processors(self) -> int:
-        # One adapter owns the hooks: a second adapter over the same pipeline replaces
-        # them instead of gathering tokens twice.
-        for handle in getattr(self.transformer, "_instgenie_hooks", ()):
-            handle.remove()
-        self.transformer._instgenie_hooks = (
-            self.transformer.pos_embed.register_forward_hook(self._keep_computed_tokens),
-            self.transformer.proj_out.register_forward_hook(self._capture_output),
-        )
-        return install_masked_processors(self.transformer, MaskedJointAttnProcessor)
+        # One pair of hooks per transformer, dispatching to the adapter that is predicting
+        # (several adapters may share one pipeline; stock calls have none and pass through).
+        transformer = self.transformer
+        if not hasattr(transformer, "_instgenie_hooks"):
+            transformer._instgenie_predicting = None
+
+            def keep(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+                owner = transformer._instgenie_predicting
+                return None if owner is None else owner._keep_computed_tokens(module, args, output)
+
+            def capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+                owner = transformer._instgenie_predicting
+                return None if owner is None else owner._capture_output(module, args, output)
+
+            transformer._instgenie_hooks = (
+                transformer.pos_embed.register_forward_hook(keep),
+                transformer.proj_out.register_forward_hook(capture),
+            )
+        return install_masked_processors(transformer, MaskedJointAttnProcessor)
 
     def _keep_computed_tokens(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
         if self._active is None:
@@ -150,6 +160,7 @@ class SD3InpaintFamily(Family):
             tokens = full.scatter(1, index, tokens)
         spatial = self.to_spatial(tokens, inputs.grid)
         self._active = batch
+        self.transformer._instgenie_predicting = self
         try:
             with torch.no_grad():
                 self.transformer(
@@ -163,6 +174,7 @@ class SD3InpaintFamily(Family):
             assert self._captured is not None
             return self._captured
         finally:
+            self.transformer._instgenie_predicting = None
             self._active = None
             self._captured = None
 

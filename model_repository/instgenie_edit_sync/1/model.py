@@ -1,0 +1,44 @@
+"""Plain request/response front of the decoupled edit model (BLS with async execute)."""
+
+import asyncio
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from instgenie_client.protocol import OUTPUTS
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.edit_model = config["parameters"]["edit_model"]["string_value"]
+        self.input_names = [entry["name"] for entry in config["input"]]
+
+    async def execute(self, requests):
+        return await asyncio.gather(*(self._forward(request) for request in requests))
+
+    async def _forward(self, request):
+        inputs = [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in self.input_names) if t is not None]
+        forwarded = pb_utils.InferenceRequest(
+            model_name=self.edit_model,
+            inputs=inputs,
+            requested_output_names=list(OUTPUTS),
+            request_id=request.request_id(),
+        )
+        responses = await forwarded.async_exec(decoupled=True)
+        # Iterating the decoupled responses blocks; keep the event loop free for other requests.
+        final = await asyncio.get_running_loop().run_in_executor(None, _last_response, responses)
+        if final is None:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.edit_model} sent no response"))
+        if final.has_error():
+            error = final.error()
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message(), error.code()))
+        return pb_utils.InferenceResponse(output_tensors=final.output_tensors())
+
+
+def _last_response(responses):
+    last = None
+    for response in responses:
+        if response.has_error() or response.output_tensors():
+            last = response
+    return last

@@ -1,0 +1,122 @@
+"""Raw protocol calls for server tests: one gRPC stream per call, any tensor the test wants.
+
+The client library hides the wire; these tests need it bare (wrong dtypes, wrong
+shapes, missing inputs), so they build requests with tritonclient directly.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from instgenie_client.protocol import INPUTS, ServerError
+
+_NUMPY = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
+
+
+def tensor(name: str, value, datatype: str | None = None, shape: list[int] | None = None) -> grpcclient.InferInput:
+    datatype = datatype or INPUTS[name]
+    array = np.array(value if isinstance(value, list) else [value], dtype=_NUMPY[datatype])
+    if shape is not None:
+        array = array.reshape(shape)
+    infer_input = grpcclient.InferInput(name, list(array.shape), datatype)
+    infer_input.set_data_from_numpy(array)
+    return infer_input
+
+
+@dataclass
+class Call:
+    """Everything one request got back, with arrival times (monotonic seconds)."""
+
+    request_id: str
+    sent_at: float
+    steps: list[tuple[float, int]] = field(default_factory=list)
+    outputs: dict[str, np.ndarray] | None = None
+    error: ServerError | None = None
+    finished_at: float | None = None
+
+
+class Stream:
+    """One gRPC stream: several calls may share it (they then cancel together)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self._events: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self._events.put((time.monotonic(), result, error)))
+        self._calls: dict[str, Call] = {}
+
+    def send(self, inputs: list[grpcclient.InferInput] | dict, request_id: str, model: str = "instgenie_edit") -> Call:
+        if isinstance(inputs, dict):
+            inputs = [tensor(name, value) for name, value in inputs.items()]
+        call = self._calls[request_id] = Call(request_id, time.monotonic())
+        self.client.async_stream_infer(model, inputs, request_id=request_id, enable_empty_final_response=True)
+        return call
+
+    def wait(self, *calls: Call, timeout: float = 120) -> None:
+        """Until every call in ``calls`` has its final response or error."""
+        self.pump(lambda: all(c.finished_at is not None for c in calls), timeout)
+
+    def pump(self, until, timeout: float = 120) -> None:
+        """Handle responses until ``until()`` holds; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no response in time")
+            try:
+                at, result, error = self._events.get(timeout=min(left, 0.05))
+            except queue.Empty:
+                continue
+            if error is not None:
+                parsed = ServerError.parse(str(error))
+                call = self._calls.get(parsed.request_id) or next(c for c in self._calls.values() if c.finished_at is None)
+                call.error, call.finished_at = parsed, at
+                continue
+            response = result.get_response()
+            call = self._calls[response.id]
+            final = response.parameters["triton_final_response"].bool_param
+            names = [o.name for o in response.outputs]
+            if "STEP" in names and not final:
+                call.steps.append((at, int(result.as_numpy("STEP")[0])))
+            if final:
+                call.outputs = {name: result.as_numpy(name) for name in names}
+                call.finished_at = at
+
+    def call(self, inputs, request_id: str, timeout: float = 120) -> Call:
+        call = self.send(inputs, request_id)
+        self.wait(call, timeout=timeout)
+        return call
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def metrics(url: str) -> dict[str, float]:
+    """``{series with labels: value}`` of the instgenie_* metrics."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("instgenie_"):
+            series, value = line.rsplit(" ", 1)
+            values[series] = float(value)
+    return values
+
+
+def metric(values: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of ``name`` over series whose labels include ``labels``."""
+    total = 0.0
+    for series, value in values.items():
+        base, _, rest = series.partition("{")
+        if base != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += value
+    return total
