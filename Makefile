@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine clean
+.PHONY: install test demo bench-engine bench-serving bench-cadence clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,16 @@ test: $(STAMP)
 bench-engine: $(STAMP)
 	$(PY) bench/engine.py --family flux-fill --size small --resolution 1024 --mask-ratios 0.1,0.25,0.5,1.0 --json out/engine.json
 
+bench-serving: $(STAMP)
+	$(PY) bench/serving.py --json out/serving.json
+
+bench-cadence: $(STAMP)
+	$(PY) bench/step_cadence.py --json out/step_cadence.json
+
 clean:
 	rm -rf $(VENV) out models
 
-# The main job until the server lands: build the tiny model, edit a sample template in-process.
+# The main job: a Triton server with the tiny default model, a template registered and
+# one edit through the CLI; writes out/edited.png.
 demo: $(STAMP)
-	mkdir -p out
-	$(VENV)/bin/instgenie make-model --family flux-fill --size tiny --out models/flux-fill-tiny
-	$(PY) bench/sample_inputs.py out
-	$(VENV)/bin/instgenie edit-local --model models/flux-fill-tiny --template out/template.png --mask out/mask.png \
-		--prompt "a red hat" --steps 4 --max-sequence-length 32 --out out/edited.png
+	scripts/demo.sh

@@ -83,6 +83,10 @@ def triton_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPath
         "max_active": "4",
         "max_waiting": str(SERVER_MAX_WAITING),
         "drain_timeout_s": "20",
+        # The step loop keeps both cores of a CI machine busy; a lower-priority codec
+        # process would then prepare a request over many steps, and these tests time
+        # admission, not CPU shares (bench/step_cadence.py measures that trade-off).
+        "codec_nice": "0",
     }
     root = tmp_path_factory.mktemp("triton")
     repository = render_repository(source, root / "models", {name: parameters for name in models_with_parameter(source, "model_dir")})

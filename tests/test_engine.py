@@ -157,3 +157,27 @@ def test_second_engine_over_one_pipeline_computes_the_same(engines: dict) -> Non
     after = second.edit(mask, "a chair", template_id=record.template_id)
 
     assert torch.equal(before.latents, after.latents)
+
+
+def test_template_budget_evicts_the_least_recently_used(model_dirs: dict) -> None:
+    from instgenie import EngineLimits
+    from instgenie.errors import CacheBudgetExceeded, UnknownTemplate
+
+    probe = Engine.from_pretrained(str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN)
+    size = probe.register_template(png(template_image(40)), "a", seed=1, steps=2).activations.nbytes
+    engine = Engine.from_pretrained(
+        str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN, limits=EngineLimits(template_budget_bytes=2 * size)
+    )
+    first, second = (engine.register_template(png(template_image(40 + i)), "a", seed=1, steps=2) for i in range(2))
+    engine.template(first.template_id)  # used: the second is now the least recently used
+    third = engine.register_template(png(template_image(42)), "a", seed=1, steps=2)
+    assert engine.template_ids() == sorted([first.template_id, third.template_id])
+    with pytest.raises(UnknownTemplate):
+        engine.template(second.template_id)
+
+    tight = Engine.from_pretrained(
+        str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN, limits=EngineLimits(template_budget_bytes=size - 1)
+    )
+    with pytest.raises(CacheBudgetExceeded, match="cache budget"):
+        tight.register_template(png(template_image(40)), "a", seed=1, steps=2)
+    assert tight.template_ids() == []

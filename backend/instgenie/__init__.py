@@ -4,7 +4,8 @@ No serving code lives here; the Triton model and the CLI are thin layers over
 :class:`~instgenie.engine.Engine`.
 """
 
-from .engine import EditResult, Engine, EngineLimits, RequestKind, RequestState, TemplateRecord
+from typing import TYPE_CHECKING
+
 from .errors import (
     ImageTooLarge,
     InstGenIEError,
@@ -15,6 +16,21 @@ from .errors import (
     UnknownTemplate,
     UnsupportedModel,
 )
+
+if TYPE_CHECKING:
+    from .engine import EditResult, Engine, EngineLimits, RequestKind, RequestState, TemplateRecord
+
+_ENGINE_NAMES = ("EditResult", "Engine", "EngineLimits", "RequestKind", "RequestState", "TemplateRecord")
+
+
+def __getattr__(name: str):
+    # The engine pulls in torch and diffusers (seconds); client-only commands never need it.
+    if name in _ENGINE_NAMES:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'instgenie' has no attribute {name!r}")
+
 
 __all__ = [
     "EditResult",

@@ -82,12 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--dtype", default="float32", choices=_DTYPES)
     edit.add_argument("--full", action="store_true", help="full computation, no template cache")
     edit.set_defaults(run=_edit_local)
+
+    # Imported here so this module stays importable on its own; neither imports torch or gRPC up front.
+    from instgenie_client.cli import add_client_commands
+    from instgenie_server.launcher import add_serve_command
+
+    add_serve_command(commands)
+    add_client_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    from instgenie_client import InstGenIEServerError
+    from instgenie_server.launcher import ServerStartError
+
     from .errors import InstGenIEError
 
     try:
@@ -95,8 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     except InstGenIEError as exc:
         print(f"error ({exc.reason}): {exc}", file=sys.stderr)
         return 2
+    except InstGenIEServerError as exc:
+        print(f"error ({exc.reason}): {exc.message} [request {exc.request_id}]", file=sys.stderr)
+        return 2
+    except (ConnectionError, TimeoutError) as exc:  # server unreachable, stream broken, too slow
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ServerStartError as exc:
+        print(f"error: the server did not start: {exc}", file=sys.stderr)
         return 2
 
 

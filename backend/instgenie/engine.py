@@ -31,6 +31,7 @@ from PIL import Image
 from . import masking
 from .activations import TemplateActivations
 from .attention import TokenBatch, TokenRow
+from .codec import Codec, LocalCodec
 from .errors import CacheBudgetExceeded, InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask
@@ -191,6 +192,7 @@ class Engine:
         self.model_fingerprint = model_fingerprint
         self.max_sequence_length = max_sequence_length
         self.limits = limits
+        self.codec: Codec = LocalCodec(self.family)  # prompt encoding and VAE work; see use_codec
         self._templates: OrderedDict[str, TemplateRecord] = OrderedDict()  # least recently used first
         self._templates_lock = threading.Lock()
 
@@ -215,6 +217,11 @@ class Engine:
             max_sequence_length=max_sequence_length,
             limits=limits,
         )
+
+    def use_codec(self, codec: Codec) -> None:
+        """Run prompt encoding and VAE work through ``codec`` (e.g. a :class:`~instgenie.codec.ProcessCodec`)."""
+        self.codec.close()
+        self.codec = codec
 
     # -- templates -------------------------------------------------------------
     def template(self, template_id: str) -> TemplateRecord:
@@ -313,7 +320,7 @@ class Engine:
         timesteps = family.schedule(scheduler, settings)
         reuse = template.inputs if template is not None and settings.seed == template.settings.seed else None
         image_tensor = family.preprocess_image(image).to(self.device)
-        full_inputs = family.prepare_latents(
+        full_inputs = self.codec.prepare_latents(
             image_tensor, family.pixel_mask_tensor(pixel_mask), settings, scheduler, timesteps, reuse
         )
         state = RequestState(
@@ -326,7 +333,7 @@ class Engine:
             num_tokens=num_tokens,
             token_index=token_index,
             inputs=full_inputs.select(token_index),
-            text=family.encode_prompt(prompt, settings),
+            text=self.codec.encode_prompt(prompt, settings),
             scheduler=scheduler,
             timesteps=timesteps,
             template=None if computes_all else template,
@@ -512,7 +519,7 @@ class Engine:
         if not state.pixel_mask.any():
             image = state.image.copy()
         else:
-            decoded = np.asarray(self.family.decode(latents, state.settings))
+            decoded = np.asarray(self.codec.decode(latents, state.settings))
             original = np.asarray(state.image)
             image = Image.fromarray(np.where(state.pixel_mask[..., None], decoded, original))
         return EditResult(

@@ -3,10 +3,11 @@
 A request joins the running batch at the next step after it is prepared and
 leaves the moment it finishes, so short edits never wait for long ones. Work that
 is not a denoising step (decoding bytes, prompt encoding, VAE encode/decode, PNG
-encoding) runs on a small worker pool at a lower CPU priority: it fills the gaps
-instead of stretching the step cadence. Workers keep the process's intra-op thread
-count: CPU kernels round differently with another thread count, and exactness
-against the full computation (or another process) needs identical kernels.
+encoding) runs on a small worker pool, never on the loop's thread; the heavy part of
+it goes through the engine's codec, which a server puts in lower-priority processes
+(:class:`~instgenie.codec.ProcessCodec`) so it fills the gaps instead of stretching
+the step cadence. Workers keep the process's intra-op thread count: CPU kernels round
+differently with another thread count, and exactness needs identical kernels.
 
 The loop knows nothing about Triton. A caller hands it an :class:`EditRequest` with a
 :class:`JobSink`; the loop calls ``progress`` after every step and exactly one of
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -160,7 +160,6 @@ class StepLoop:
         scheduler: FcfsScheduler | None = None,
         max_waiting: int = 64,
         workers: int = 2,
-        worker_nice: int = 10,
         observer: LoopObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -171,7 +170,6 @@ class StepLoop:
         self.max_waiting = max_waiting
         self.observer = observer or LoopObserver()
         self._clock = clock
-        self._worker_nice = worker_nice
         self._torch_threads = torch.get_num_threads()
         self._queues = _Queues()
         self._active: list[_Job] = []  # owned by the loop thread
@@ -248,14 +246,9 @@ class StepLoop:
     # -- worker side -------------------------------------------------------------------
     def _init_worker(self) -> None:
         # torch's intra-op thread count is per thread; keep the loop's (see module doc).
+        # No lower priority for these threads: one descheduled while holding the GIL
+        # would stall the loop (priority inversion); the codec's processes take that role.
         torch.set_num_threads(self._torch_threads)
-        # A lower priority (inherited by the worker's intra-op threads): pre/post-processing
-        # yields the cores to the step loop instead of stretching its steps.
-        if self._worker_nice and hasattr(os, "setpriority"):
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._worker_nice)
-            except OSError:
-                log.debug("could not lower the worker thread's priority", exc_info=True)
 
     def _guarded(self, job: _Job, work: Callable[[_Job], None]) -> None:
         try:

@@ -16,7 +16,7 @@ import importlib
 import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "AsyncInstGenIEClient",
     "EditJob",
     "EditResult",
+    "ImageSource",
     "InstGenIEClient",
     "InstGenIEConnectionError",
     "InstGenIEServerError",
@@ -67,7 +68,7 @@ class Progress:
 class EditResult:
     """The final response of an edit."""
 
-    image: bytes  # PNG
+    image: bytes = field(repr=False)  # PNG
     request_id: str
     template_id: str | None  # None for an edit of a raw image (full computation)
     computed_tokens: int

@@ -115,11 +115,13 @@ class EditJob:
             self._client.async_stream_infer(
                 model, infer_inputs(values), request_id=request_id, enable_empty_final_response=True
             )
-        except BaseException as exc:
+        except InferenceServerException:
+            # The stream broke already (server unreachable): tritonclient hands the cause
+            # to our callback, so the dispatcher settles the job with it.
+            pass
+        except BaseException:  # e.g. Ctrl-C: no stream may outlive the constructor
             self._client.stop_stream(cancel_requests=True)
             self._client.close()
-            if isinstance(exc, InferenceServerException):
-                raise InstGenIEConnectionError(f"cannot start a gRPC stream to {url}: {exc.message()}") from exc
             raise
         threading.Thread(target=self._dispatch, name=f"instgenie-job-{request_id}", daemon=True).start()
 
@@ -204,22 +206,24 @@ class EditJob:
                 continue
             try:
                 self._on_progress(event)
-            except Exception as exc:
+            except Exception as exc:  # whatever the caller's callback raises ends the job, in result()
                 callback_error = exc
                 self.cancel()
-        with self._lock:
-            if callback_error is not None:
-                self._outcome = callback_error
-            elif self._cancelled or (isinstance(event, InstGenIEServerError) and event.reason == "cancelled"):
-                self._outcome = JobCancelled(self.request_id)
-            else:
-                self._outcome = event
-            self._settled = True
-            # Half-close (Triton then ends the stream: the request has finished), or just
-            # release the channel after a cancel.
-            self._client.close()
-        self._done.set()
-        self._progress.put(None)
+        try:
+            with self._lock:
+                if callback_error is not None:
+                    self._outcome = callback_error
+                elif self._cancelled or (isinstance(event, InstGenIEServerError) and event.reason == "cancelled"):
+                    self._outcome = JobCancelled(self.request_id)
+                else:
+                    self._outcome = event
+                self._settled = True
+                # Half-close (Triton then ends the stream: the request has finished), or just
+                # release the channel after a cancel.
+                self._client.close()
+        finally:  # waiters must wake even if closing failed
+            self._done.set()
+            self._progress.put(None)
 
 
 class InstGenIEClient:

@@ -26,8 +26,9 @@ class ModelParameters:
     max_active: int = 8  # requests stepping together
     max_waiting: int = 64  # accepted but not stepping; beyond: queue_full
     max_batch_tokens: int = 0  # rows x longest row per step; 0 = unbounded
-    workers: int = 2  # pre/post-processing threads
-    worker_nice: int = 10  # their CPU priority offset
+    workers: int = 4  # pre/post-processing threads (they mostly wait on the codec processes)
+    codec_workers: int = 1  # processes for prompt encoding and VAE work; 0 = in the model's process
+    codec_nice: int = 10  # their CPU priority offset
     cache_budget_bytes: int = 0  # template K/V kept in memory; 0 = unbounded
     max_pixels: int = EngineLimits.max_pixels
     max_steps: int = EngineLimits.max_steps

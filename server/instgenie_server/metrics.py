@@ -17,6 +17,7 @@ from instgenie.step_loop import LoopLoad, LoopObserver
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+JOIN_BUCKETS_STEPS = [0, 1, 2, 4, 8, 16, 32, 64]
 REQUEST_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0]
 
 _GAUGES = {
@@ -47,6 +48,11 @@ class TritonLoopMetrics(LoopObserver):
         )
         self._first_step_seconds = self._histogram(
             "instgenie_time_to_first_step_seconds", "Arrival to the end of a request's first step", REQUEST_BUCKETS_S
+        )
+        self._join_wait_steps = self._histogram(
+            "instgenie_join_wait_steps",
+            "Loop steps a prepared request waited before joining the batch (0-1 unless the batch is full)",
+            JOIN_BUCKETS_STEPS,
         )
         self._steps = self._metric("instgenie_steps_total", "Batched denoising steps run", kinds.COUNTER)
         self._row_tokens = self._metric("instgenie_computed_row_tokens_total", "Row-tokens computed by all steps", kinds.COUNTER)
@@ -84,6 +90,9 @@ class TritonLoopMetrics(LoopObserver):
         self._steps.increment(1)
         self._row_tokens.increment(float(row_tokens))
 
+    def joined(self, steps_waited: int) -> None:
+        self._join_wait_steps.observe(float(steps_waited))
+
     def first_step(self, wait_s: float) -> None:
         self._first_step_seconds.observe(wait_s)
 
@@ -92,8 +101,9 @@ class TritonLoopMetrics(LoopObserver):
         self._completed.increment(1)
 
     def failed(self, reason: str) -> None:
-        if reason == "cancelled":
+        if reason == "cancelled":  # a client's choice, not an error: kept out of the error rate
             self._cancellations.increment(1)
+            return
         with self._errors_lock:
             counter = self._errors.get(reason)
             if counter is None:

@@ -6,6 +6,7 @@ import uuid
 import triton_python_backend_utils as pb_utils
 
 from instgenie import Engine
+from instgenie.codec import ProcessCodec
 from instgenie.errors import InstGenIEError
 from instgenie.step_loop import StepLoop
 from instgenie.scheduler import FcfsScheduler
@@ -27,6 +28,17 @@ class TritonPythonModel:
             max_sequence_length=self.params.max_sequence_length,
             limits=self.params.limits,
         )
+        if self.params.codec_workers:
+            self.engine.use_codec(
+                ProcessCodec(
+                    self.engine.family,
+                    self.params.model_dir,
+                    workers=self.params.codec_workers,
+                    nice=self.params.codec_nice,
+                    device=self.params.device,
+                    dtype=self.params.torch_dtype,
+                )
+            )
         labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
         self.metrics = TritonLoopMetrics(pb_utils, labels)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
@@ -35,7 +47,6 @@ class TritonPythonModel:
             scheduler=FcfsScheduler(self.params.scheduler),
             max_waiting=self.params.max_waiting,
             workers=self.params.workers,
-            worker_nice=self.params.worker_nice,
             observer=self.metrics,
         )
 
@@ -58,6 +69,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.loop.stop(drain_timeout_s=self.params.drain_timeout_s)
+        self.engine.codec.close()
         if self.gpu_metrics is not None:
             self.gpu_metrics.close()
 

@@ -1,0 +1,156 @@
+"""Where the work around the denoising steps runs: prompt encoding, VAE encode, VAE decode.
+
+A serving loop must not be slowed by this work. Threads in the loop's process are not
+enough: the text encoders and the VAE hold the GIL between their kernels, and the
+step loop then waits for the GIL before each of its own. Lowering those threads'
+priority makes it worse (a descheduled low-priority thread holding the GIL stalls the
+loop: priority inversion). :class:`ProcessCodec` runs them in worker processes of
+lower CPU priority instead; the loop's threads only wait on a pipe.
+
+:class:`LocalCodec` runs them in the calling thread (tests, CLI, one-off edits).
+Both produce identical results: each worker keeps the parent's intra-op thread count,
+so the same kernels run.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+
+from .families import Family, GenerationSettings, LatentInputs, TextEmbeddings
+
+log = logging.getLogger(__name__)
+
+
+class Codec(Protocol):
+    def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings: ...
+
+    def prepare_latents(
+        self,
+        image: torch.Tensor,
+        pixel_mask: torch.Tensor,
+        settings: GenerationSettings,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        reuse: LatentInputs | None,
+    ) -> LatentInputs: ...
+
+    def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image: ...
+
+    def close(self) -> None: ...
+
+
+class LocalCodec:
+    """The family's own methods, in the calling thread."""
+
+    def __init__(self, family: Family) -> None:
+        self.family = family
+
+    def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
+        return self.family.encode_prompt(prompt, settings)
+
+    def prepare_latents(self, image, pixel_mask, settings, scheduler, timesteps, reuse) -> LatentInputs:  # type: ignore[no-untyped-def]
+        return self.family.prepare_latents(image, pixel_mask, settings, scheduler, timesteps, reuse)
+
+    def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
+        return self.family.decode(latents, settings)
+
+    def close(self) -> None:
+        pass
+
+
+# -- worker process side ----------------------------------------------------------------
+_family: Family | None = None
+
+
+def _load(model_dir: str, device: str, dtype: str, threads: int, nice: int) -> None:
+    global _family
+    from .loading import load_pipeline
+
+    torch.set_num_threads(threads)
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
+    pipe, family_cls, _ = load_pipeline(model_dir, device, getattr(torch, dtype))
+    _family = family_cls(pipe, torch.device(device), getattr(torch, dtype))
+
+
+def _encode_prompt(prompt: str, settings: GenerationSettings) -> TextEmbeddings:
+    assert _family is not None
+    return _family.encode_prompt(prompt, settings)
+
+
+def _prepare_latents(image, pixel_mask, settings, scheduler, timesteps) -> tuple[LatentInputs, Any]:  # type: ignore[no-untyped-def]
+    assert _family is not None
+    inputs = _family.prepare_latents(image, pixel_mask, settings, scheduler, timesteps, None)
+    return inputs, scheduler  # the scheduler travels back in case the pipeline's helpers touched it
+
+
+def _decode(latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
+    assert _family is not None
+    return _family.decode(latents, settings)
+
+
+class ProcessCodec:
+    """The same work in ``workers`` processes at ``nice`` lower CPU priority.
+
+    Each worker loads the pipeline folder once (text encoders, VAE; the transformer
+    is loaded too and unused). Preparation that reuses a template's latents needs no
+    VAE and stays local.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        model_dir: str,
+        *,
+        workers: int = 1,
+        nice: int = 10,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.local = LocalCodec(family)
+        context = multiprocessing.get_context("spawn")
+        # Inside Triton's Python backend stub sys.executable is the stub, not Python.
+        executable = sys.executable if os.path.basename(sys.executable).startswith("python") else _python()
+        context.set_executable(executable)
+        self._pool = ProcessPoolExecutor(
+            workers,
+            mp_context=context,
+            initializer=_load,
+            initargs=(str(model_dir), str(device), str(dtype).removeprefix("torch."), torch.get_num_threads(), nice),
+        )
+        # Load the workers now, not on the first request.
+        self._pool.submit(_family_ready).result()
+
+    def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
+        return self._pool.submit(_encode_prompt, prompt, settings).result()
+
+    def prepare_latents(self, image, pixel_mask, settings, scheduler, timesteps, reuse) -> LatentInputs:  # type: ignore[no-untyped-def]
+        if reuse is not None:
+            return self.local.prepare_latents(image, pixel_mask, settings, scheduler, timesteps, reuse)
+        inputs, used = self._pool.submit(_prepare_latents, image, pixel_mask, settings, scheduler, timesteps).result()
+        scheduler.__dict__.update(used.__dict__)
+        return inputs
+
+    def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
+        return self._pool.submit(_decode, latents, settings).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _family_ready() -> bool:
+    return _family is not None
+
+
+def _python() -> str:
+    candidate = os.path.join(sys.prefix, "bin", "python")
+    return candidate if os.path.exists(candidate) else (shutil.which("python3") or "python3")
