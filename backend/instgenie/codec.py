@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -35,13 +36,14 @@ class Codec(Protocol):
 
     def prepare_latents(
         self,
-        image: torch.Tensor,
-        pixel_mask: torch.Tensor,
+        image: Image.Image,
+        pixel_mask: np.ndarray,
         settings: GenerationSettings,
         scheduler: Any,
         timesteps: torch.Tensor,
         reuse: LatentInputs | None,
-    ) -> LatentInputs: ...
+    ) -> LatentInputs:
+        """The family's ``prepare_latents`` from the decoded image and ``[H, W]`` bool mask."""
 
     def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image: ...
 
@@ -58,13 +60,22 @@ class LocalCodec:
         return self.family.encode_prompt(prompt, settings)
 
     def prepare_latents(self, image, pixel_mask, settings, scheduler, timesteps, reuse) -> LatentInputs:  # type: ignore[no-untyped-def]
-        return self.family.prepare_latents(image, pixel_mask, settings, scheduler, timesteps, reuse)
+        return _prepare(self.family, image, pixel_mask, settings, scheduler, timesteps, reuse)
 
     def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
         return self.family.decode(latents, settings)
 
     def close(self) -> None:
         pass
+
+
+def _prepare(family: Family, image, pixel_mask, settings, scheduler, timesteps, reuse) -> LatentInputs:  # type: ignore[no-untyped-def]
+    # Image preprocessing runs here too: a PIL image crosses a pipe at a quarter of
+    # the bytes of its float tensor, and the tensor work leaves the loop's process.
+    image_tensor = family.preprocess_image(image).to(family.device)
+    return family.prepare_latents(
+        image_tensor, family.pixel_mask_tensor(pixel_mask), settings, scheduler, timesteps, reuse
+    )
 
 
 # -- worker process side ----------------------------------------------------------------
@@ -89,7 +100,7 @@ def _encode_prompt(prompt: str, settings: GenerationSettings) -> TextEmbeddings:
 
 def _prepare_latents(image, pixel_mask, settings, scheduler, timesteps) -> tuple[LatentInputs, Any]:  # type: ignore[no-untyped-def]
     assert _family is not None
-    inputs = _family.prepare_latents(image, pixel_mask, settings, scheduler, timesteps, None)
+    inputs = _prepare(_family, image, pixel_mask, settings, scheduler, timesteps, None)
     return inputs, scheduler  # the scheduler travels back in case the pipeline's helpers touched it
 
 

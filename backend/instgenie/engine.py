@@ -319,10 +319,7 @@ class Engine:
         scheduler = family.new_scheduler()
         timesteps = family.schedule(scheduler, settings)
         reuse = template.inputs if template is not None and settings.seed == template.settings.seed else None
-        image_tensor = family.preprocess_image(image).to(self.device)
-        full_inputs = self.codec.prepare_latents(
-            image_tensor, family.pixel_mask_tensor(pixel_mask), settings, scheduler, timesteps, reuse
-        )
+        full_inputs = self.codec.prepare_latents(image, pixel_mask, settings, scheduler, timesteps, reuse)
         state = RequestState(
             request_id=request_id or uuid.uuid4().hex,
             kind=kind,
