@@ -121,6 +121,17 @@ def test_scheduler_token_budget_counts_padding_but_always_admits_a_lone_request(
     assert scheduler.admit([Candidate(10, rows=2)], [Candidate(30)]) == [0]  # 3 rows x 30 = 90
 
 
+def test_scheduler_splits_a_step_into_calls_of_similar_token_counts() -> None:
+    running = [Candidate(100), Candidate(10), Candidate(95), Candidate(12), Candidate(50, rows=2)]
+    assert FcfsScheduler(SchedulerConfig()).calls(running) == [[0, 1, 2, 3, 4]]  # one call by default
+    calls = FcfsScheduler(SchedulerConfig(max_padding_waste=0.25)).calls(running)
+    assert calls == [[1, 3], [4], [2, 0]]
+    for call in calls:  # padded cost within 25% of the useful cost
+        longest = max(running[i].computed_tokens for i in call)
+        rows = sum(running[i].rows for i in call)
+        assert rows * longest <= 1.25 * sum(running[i].rows * running[i].computed_tokens for i in call)
+
+
 def test_scheduler_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         SchedulerConfig(max_active=0)
@@ -129,8 +140,9 @@ def test_scheduler_config_rejects_nonsense() -> None:
 # -- the loop --------------------------------------------------------------------------
 
 
-def test_batched_results_equal_each_request_alone(flux: Engine, template_id: str) -> None:
-    loop, observer = run_loop(flux, scheduler=FcfsScheduler(SchedulerConfig(max_active=4)))
+@pytest.mark.parametrize("waste", [None, 0.25], ids=["one call", "calls by token count"])
+def test_batched_results_equal_each_request_alone(flux: Engine, template_id: str, waste: float | None) -> None:
+    loop, observer = run_loop(flux, scheduler=FcfsScheduler(SchedulerConfig(max_active=4, max_padding_waste=waste)))
     try:
         requests = [edit(f"r{i}", template_id, ratio, seed=i) for i, ratio in enumerate([0.1, 0.3, 0.5])]
         requests.append(EditRequest("raw", prompt="a vase", mask=png(rect_mask(0.2, seed=9)), image=png(template_image(12)), seed=2, steps=4))

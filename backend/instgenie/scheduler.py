@@ -35,12 +35,18 @@ class SchedulerConfig:
 
     max_active: int = 8
     max_batch_tokens: int | None = None
+    # Split a step into transformer calls of similar token counts so that padding to the
+    # longest row wastes at most this fraction; None = one call per step. Batching gains
+    # nothing on CPU (keep it small there); on a GPU bigger calls are worth some padding.
+    max_padding_waste: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_active < 1:
             raise ValueError("max_active must be >= 1")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be >= 1 or None")
+        if self.max_padding_waste is not None and self.max_padding_waste < 0:
+            raise ValueError("max_padding_waste must be >= 0 or None")
 
 
 class FcfsScheduler:
@@ -74,3 +80,27 @@ class FcfsScheduler:
             admitted.append(index)
             grid, rows, longest, count = candidate.grid_key, new_rows, new_longest, count + 1
         return admitted
+
+    def calls(self, running: Sequence[Schedulable]) -> list[list[int]]:
+        """Indices into ``running`` grouped into the transformer calls of one step.
+
+        Rows of a call are padded to its longest row; grouping similar token counts
+        (ascending) bounds that waste by ``max_padding_waste``.
+        """
+        waste = self.config.max_padding_waste
+        if waste is None or len(running) < 2:
+            return [list(range(len(running)))] if running else []
+        groups: list[list[int]] = []
+        rows = useful = 0
+        for index in sorted(range(len(running)), key=lambda i: running[i].computed_tokens):
+            item = running[index]
+            padded = (rows + item.rows) * item.computed_tokens  # ascending: it is the longest
+            if groups and padded > (1 + waste) * (useful + item.rows * item.computed_tokens):
+                groups.append([])
+                rows = useful = 0
+            if not groups:
+                groups.append([])
+            groups[-1].append(index)
+            rows += item.rows
+            useful += item.rows * item.computed_tokens
+        return groups

@@ -410,7 +410,8 @@ class StepLoop:
         states = [j.state for j in batch]
         started = self._clock()
         try:
-            self.engine.step(states)  # type: ignore[arg-type]
+            for call in self.scheduler.calls(states):  # type: ignore[arg-type]
+                self.engine.step([states[i] for i in call])  # type: ignore[misc]
         except Exception as error:  # keep serving: fail this batch, not the server
             log.exception("step failed for %d requests", len(batch))
             self._active = []

@@ -26,6 +26,7 @@ class ModelParameters:
     max_active: int = 8  # requests stepping together
     max_waiting: int = 64  # accepted but not stepping; beyond: queue_full
     max_batch_tokens: int = 0  # rows x longest row per step; 0 = unbounded
+    max_padding_waste: float = 0.25  # split a step into calls of similar token counts; < 0 = one call
     workers: int = 4  # pre/post-processing threads (they mostly wait on the codec processes)
     codec_workers: int = 1  # processes for prompt encoding and VAE work; 0 = in the model's process
     codec_nice: int = 10  # their CPU priority offset
@@ -69,4 +70,8 @@ class ModelParameters:
 
     @property
     def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(max_active=self.max_active, max_batch_tokens=self.max_batch_tokens or None)
+        return SchedulerConfig(
+            max_active=self.max_active,
+            max_batch_tokens=self.max_batch_tokens or None,
+            max_padding_waste=None if self.max_padding_waste < 0 else self.max_padding_waste,
+        )
