@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import math
@@ -248,7 +249,7 @@ class Caller:
                 self._baseline(request, record)
             else:
                 self._edit(request, record, full_compute=system == "full")
-        except Exception as exc:  # noqa: BLE001 - every failure is data
+        except Exception as exc:  # every failure is data
             record.error = f"{type(exc).__name__}: {exc}"
             record.done_s = time.monotonic()
 
@@ -506,7 +507,7 @@ def rate_at_slo(points: list[tuple[float, float, float]], slo: float) -> tuple[f
         return None, "?"
     if points[0][2] > slo:
         return points[0][1], "<"
-    for (_, x0, p0), (_, x1, p1) in zip(points, points[1:]):
+    for (_, x0, p0), (_, x1, p1) in itertools.pairwise(points):
         if p1 > slo:
             fraction = (math.log(slo) - math.log(p0)) / (math.log(p1) - math.log(p0)) if p1 != p0 else 0.0
             return x0 + fraction * (x1 - x0), "="
@@ -546,6 +547,7 @@ def plot(summaries: list[dict], slos: list[tuple[float, float]], path: Path) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colours = {"baseline": "tab:red", "full": "tab:orange", "instgenie": "tab:blue"}
@@ -560,6 +562,10 @@ def plot(summaries: list[dict], slos: list[tuple[float, float]], path: Path) -> 
         ax.axhline(slo, color="grey", linestyle=":", linewidth=1)
         ax.annotate(f"{factor:g}x unloaded baseline", (ax.get_xlim()[0], slo), fontsize=7, color="grey", va="bottom")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("offered rate (requests/s)")
     ax.set_ylabel("latency (s)")
     ax.set_title("Latency vs offered rate (same Poisson workload for every system)", fontsize=10)
@@ -573,7 +579,8 @@ def plot(summaries: list[dict], slos: list[tuple[float, float]], path: Path) -> 
 
 def headline(summaries: list[dict], unloaded: dict, slo_factors: list[float]) -> dict:
     """The derived ratios: throughput at equal P95 (per SLO) and mean latency at and above saturation."""
-    by = {system: {s["rate"]: s for s in summaries if s["system"] == system} for system in SYSTEMS}
+    # Runs that other engineers' jobs disturbed (and that no repeat could replace) are left out.
+    by = {system: {s["rate"]: s for s in summaries if s["system"] == system and not s.get("disturbed")} for system in SYSTEMS}
     slos = []
     for factor in slo_factors:
         slo = factor * unloaded["baseline"]["mean_s"]
@@ -596,7 +603,7 @@ def headline(summaries: list[dict], unloaded: dict, slo_factors: list[float]) ->
         )
     # Saturated: the baseline completes clearly fewer requests per second than arrive (its queue grows).
     saturated = sorted(rate for rate, s in by["baseline"].items() if (s.get("throughput") or 0.0) < 0.9 * rate)
-    saturation = saturated[0] if saturated else max(by["baseline"])
+    saturation = saturated[0] if saturated else max(by["baseline"], default=None)
     by_rate = []
     for rate in sorted(by["baseline"]):
         if rate < saturation:
@@ -641,8 +648,9 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
         "# Serving: InstGenIE vs the diffusers baseline on Triton",
         "",
         f"Written by `bench/serving.py` ({'quick smoke run, not a result' if cfg['quick'] else 'default settings'}); "
-        f"raw per-request records in the `--json` file. All numbers come from one run on one server, systems measured "
-        "back to back on the same workload.",
+        "raw per-request records in the `--json` file. All numbers come from one run on one server, systems measured "
+        "back to back on the same workload"
+        + (", except the runs marked re-measured (see below the results table)." if report.get("redos") else "."),
         "",
         "## Setup",
         "",
@@ -703,7 +711,8 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
                 f"| {system} | {rate:.3f} | {fmt(s.get('throughput'), 3)} | {fmt(s.get('mean_s'))} | {fmt(s.get('p50_s'))} | "
                 f"{fmt(s.get('p95_s'))} | {fmt(s.get('ttfs_mean_s'))} | {fmt(s.get('ttfs_p95_s'))} | "
                 f"{fmt(s.get('after_last_step_mean_s'))} | {s['errors']} | "
-                f"{fmt(server.get('mean_batch'))} | {fmt(server.get('mean_step_s'), 3)} | {fmt(s.get('other_cores'))} |"
+                f"{fmt(server.get('mean_batch'))} | {fmt(server.get('mean_step_s'), 3)} | {fmt(s.get('other_cores'))}"
+                f"{' **disturbed, excluded**' if s.get('disturbed') else ''}{' (re-measured)' if s.get('redo') else ''} |"
             )
     lines += [
         "",
@@ -712,8 +721,18 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
         "duration of one batched step (`instgenie_step_duration_seconds`). Other processes: cores used on average "
         "during the run by processes other than this bench and its server (the machine is shared; read from `/proc`); "
         "anything well above 0 means the run was slowed by someone else's job. A run beside more than "
-        f"{cfg['max_other_cores']:g} busy cores was repeated (at most {cfg['repeat_noisy']} time(s)); "
-        f"{len(report['discarded_runs'])} run(s) were repeated in this report, the table shows the repeat.",
+        f"{cfg['max_other_cores']:g} busy cores was repeated (at most {cfg['repeat_noisy']} time(s)); a run still "
+        "disturbed after that is marked and left out of the headline ratios. "
+        f"{len(report['discarded_runs'])} run(s) were replaced in this report (raw data under `discarded_runs` in the JSON).",
+    ]
+    for item in report.get("redos", []):
+        lines.append("")
+        lines.append(
+            f"Re-measured on a fresh server with the same setup and workload (`--redo`, {item['at']}, code {item['git']}): "
+            f"{', '.join(item['runs'])} ({item['runtime_s'] / 60:.1f} min); the runs they replace were disturbed by other "
+            "jobs on the machine."
+        )
+    lines += [
         "",
         f"![latency vs offered rate]({png_path.name})",
         "",
@@ -779,7 +798,7 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
         )
     latency = head["latency_instgenie"]
     lines.append(
-        f"| mean latency at the baseline's saturation rate ({head['saturation_rate']:.3f} req/s) >= "
+        f"| mean latency at the baseline's saturation rate ({fmt(head['saturation_rate'], 3)} req/s) >= "
         f"{GOAL_MEAN_LATENCY:g}x lower | {bounded(latency, '', suffix='x')} | {met(latency, '', GOAL_MEAN_LATENCY)} |"
     )
     if not head["baseline_saturated"]:
@@ -796,6 +815,7 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
         "```bash",
         f"python bench/serving.py {' '.join(cfg['argv'])}".rstrip(),
         "python bench/serving.py --report-from out/serving.json   # rebuild this page and the plot from the raw records",
+        "python bench/serving.py --json out/serving.json --redo baseline@0.209   # re-measure a disturbed run, merge it in",
         "python bench/serving.py --write-trace   # regenerates bench/data/mask_ratios.csv (same seed, same file)",
         "```",
         "",
@@ -811,6 +831,8 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
 def finish_report(report: dict, out: Path, json_path: str | None) -> str:
     """Derive the headline ratios, write the plot, the Markdown page and (optionally) the JSON."""
     cfg = report["config"]
+    for summary in report["summaries"]:  # reports written before the flag existed
+        summary.setdefault("disturbed", (summary.get("other_cores") or 0.0) > cfg["max_other_cores"])
     factors = sorted(set(cfg["slo_factors"]) | {cfg["slo_factor"]})
     report["headline"] = headline(report["summaries"], report["unloaded"], factors)
     png_path = out.with_name(out.stem + "_latency.png")
@@ -834,10 +856,10 @@ def notes_for(report: dict) -> list[str]:
         "gains latency (no waiting for a whole static batch, short requests leave early) but hardly raises capacity; "
         "the capacity gain comes from computing fewer tokens. On a GPU, batching itself adds throughput to all "
         "three systems.",
-        "The edit model pads every row of a batched step to the longest masked row (diffusers blocks take one "
-        "`[B, L, C]` tensor), and the FCFS scheduler admits requests regardless of their token counts "
-        "(`max_batch_tokens=0`): a batch holding one large mask costs that mask's token count per row, so under "
-        "load the masked path computes more than the workload's mean mask ratio suggests.",
+        "Rows of one transformer call are padded to the call's longest masked row (diffusers blocks take one "
+        "`[B, L, C]` tensor); how much of that a batched step pays depends on the edit model's `max_padding_waste` "
+        "(a step split into calls of similar token counts) in the code measured. The FCFS scheduler admits "
+        "requests regardless of their token counts (`max_batch_tokens=0`).",
         f"At {size}x{size} with {text_len} text tokens the text tokens are always recomputed, so a 0.19 mask computes "
         f"~{(0.19 * image_tokens + text_len) / (image_tokens + text_len):.2f} of the tokens (and attention still reads "
         "every key): the compute floor is higher than at 1024x1024.",
@@ -920,6 +942,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slo-factor", type=float, default=3.0, help="declared P95 SLO = this x the baseline's unloaded mean latency")
     parser.add_argument("--slo-factors", default="3,5,10", help="more SLO factors to report the throughput ratio at")
     parser.add_argument("--report-from", help="rebuild the Markdown page and plot from this --json file (no server)")
+    parser.add_argument(
+        "--redo", help="re-measure runs of the --json report on a fresh server, e.g. baseline@0.209,full@0.377 (disturbed runs)"
+    )
     parser.add_argument("--max-active", type=int, default=8)
     parser.add_argument("--max-waiting", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -949,6 +974,133 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class Stack:
+    """One tritonserver with the three systems, the templates registered, and a :class:`Caller`."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from instgenie_client import InstGenIEClient
+        from instgenie_server.launcher import (
+            TritonServer,
+            default_model_repository,
+            models_with_parameter,
+            render_repository,
+        )
+
+        self.args = args
+        self.model = build_model(args.model_size, args.model)
+        source = default_model_repository()
+        parameters = {
+            "model_dir": str(self.model.resolve()),
+            "max_sequence_length": str(args.text_len),
+            "max_active": str(args.max_active),
+            "max_waiting": str(args.max_waiting),
+        }
+        self.workdir = tempfile.TemporaryDirectory(prefix="instgenie-bench-")
+        repository = render_repository(
+            source, Path(self.workdir.name) / "models", {name: parameters for name in models_with_parameter(source, "model_dir")}
+        )
+        self.server = TritonServer(repository, log_file=Path(args.server_log) if args.server_log else None)
+        try:
+            self.server.start()
+            self.server.wait_ready(300)
+            log.info("server ready (grpc %s)", self.server.grpc_url)
+            client = InstGenIEClient(self.server.grpc_url, timeout_s=args.request_timeout)
+            self.templates = []
+            for i in range(args.templates):
+                image = png(sample_template(args.size, seed=1000 + i))
+                prompt, seed = TEMPLATE_PROMPTS[i % len(TEMPLATE_PROMPTS)], 100 + i
+                template_id = client.register_template(image, prompt, seed=seed, steps=args.steps)
+                self.templates.append(Template(i, template_id, image, prompt, seed, args.steps))
+            log.info("registered %d templates", len(self.templates))
+        except BaseException:
+            self.close()
+            raise
+        self.caller = Caller(self.server.grpc_url, self.templates, args.request_timeout)
+        self.exclude = {os.getpgrp(), self.server.pid}  # processes that are ours, for OtherLoad
+
+    def measure(self, system: str, rate: float, workload: list[Request]) -> tuple[list[Record], dict, list[dict]]:
+        """One open-loop run; repeated (``--repeat-noisy``) while other processes loaded the machine.
+
+        Returns the kept run's records and summary, and the summaries of the runs it replaced.
+        """
+        args, server, discarded = self.args, self.server, []
+        for attempt in range(args.repeat_noisy + 1):
+            wait_idle(server)
+            wait_quiet(self.exclude, args.quiet_wait)
+            before = metric_snapshot(server.metrics_url)
+            other = OtherLoad(self.exclude)
+            run = run_open_loop(self.caller, system, rate, workload)
+            other_cores = other.cores()
+            wait_idle(server)
+            after = metric_snapshot(server.metrics_url)
+            summary = {"system": system, "rate": rate, **summarize(run), "other_cores": other_cores}
+            summary["disturbed"] = other_cores > args.max_other_cores
+            summary["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            summary["server"] = server_stats(system, before, after, summary["completed"], args.steps)
+            if not summary["disturbed"] or attempt == args.repeat_noisy:
+                break
+            log.warning("%s at %.3f req/s ran beside %.2f busy cores of other processes; repeating the run", system, rate, other_cores)
+            discarded.append(summary)
+        log.info(
+            "%-9s rate %.3f: %d/%d ok, throughput %s, mean %s s, p95 %s s%s",
+            system, rate, summary["completed"], summary["requests"], fmt(summary.get("throughput"), 3),
+            fmt(summary.get("mean_s")), fmt(summary.get("p95_s")), " (disturbed)" if summary["disturbed"] else "",
+        )  # fmt: skip
+        return run, summary, discarded
+
+    def close(self) -> None:
+        code = self.server.stop(drain_timeout_s=60)
+        log.info("server stopped (status %s)", code)
+        self.workdir.cleanup()
+
+
+def redo(args: argparse.Namespace, raw_argv: list[str]) -> int:
+    """Re-measure some (system, rate) runs of a saved report on a fresh server and merge them in.
+
+    For runs that other engineers' jobs disturbed: the setup (model, size, steps,
+    templates, workload, seed) comes from the report, so the request list and arrival
+    pattern are the same; the replaced summaries move to ``discarded_runs``.
+    """
+    path = Path(args.json)
+    report = json.loads(path.read_text())
+    cfg = report["config"]
+    for key in ("model_size", "size", "text_len", "steps", "templates", "requests", "max_active", "max_waiting", "seed"):
+        setattr(args, key, cfg[key])
+    wanted = []
+    for item in args.redo.split(","):
+        system, _, rate = item.partition("@")
+        match = [s for s in report["summaries"] if s["system"] == system and abs(s["rate"] - float(rate)) < 1e-6]
+        if system not in SYSTEMS or not match:
+            raise SystemExit(f"--redo {item}: no such run in {path}")
+        wanted.append((system, match[0]["rate"]))
+    started = time.monotonic()
+    code_state = git_state()
+    trace = read_trace(TRACE)
+    stack = Stack(args)
+    try:
+        workload = make_workload(args.requests, args.size, trace, len(stack.templates), args.seed)
+        probe = make_workload(args.warmup + args.unloaded, args.size, trace, len(stack.templates), args.seed + 1)
+        for system in sorted({system for system, _ in wanted}):
+            run_sequential(stack.caller, system, probe[: args.warmup])  # warm-up, as in the full run
+        for system, rate in wanted:
+            run, summary, discarded = stack.measure(system, rate, workload)
+            old = next(s for s in report["summaries"] if s["system"] == system and s["rate"] == rate)
+            report["discarded_runs"] += [{**old, "replaced_by_redo": True}, *discarded]
+            report["summaries"][report["summaries"].index(old)] = {**summary, "redo": True}
+            report["records"] = [r for r in report["records"] if not (r["system"] == system and r["rate"] == rate)]
+            report["records"] += [asdict(r) for r in run]
+    finally:
+        stack.close()
+    report.setdefault("redos", []).append(
+        {"runs": [f"{s}@{r}" for s, r in wanted], "at": time.strftime("%Y-%m-%d %H:%M:%S"), "git": code_state,
+         "argv": raw_argv, "runtime_s": time.monotonic() - started}
+    )  # fmt: skip
+    report["notes"] = notes_for(report)
+    out = Path(args.out) if args.out_given else ROOT / ("out/serving-quick.md" if cfg["quick"] else "docs/benchmarks/serving.md")
+    print(finish_report(report, out, str(path)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -966,48 +1118,25 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out_given else ROOT / ("out/serving-quick.md" if report["config"]["quick"] else "docs/benchmarks/serving.md")
         print(finish_report(report, out, args.report_from if args.json is None else args.json))
         return 0
+    if args.redo:
+        if not args.json:
+            raise SystemExit("--redo needs --json: the report to re-measure runs of")
+        return redo(args, raw_argv)
 
     import torch
 
-    from instgenie_client import InstGenIEClient
-    from instgenie_server.launcher import TritonServer, default_model_repository, models_with_parameter, render_repository
-
     started = time.monotonic()
     load_before = os.getloadavg()
+    code_state = git_state()  # the code the server runs (colleagues may commit while the bench runs)
     trace = read_trace(TRACE)
-    model = build_model(args.model_size, args.model)
-    source = default_model_repository()
-    parameters = {
-        "model_dir": str(model.resolve()),
-        "max_sequence_length": str(args.text_len),
-        "max_active": str(args.max_active),
-        "max_waiting": str(args.max_waiting),
-    }
-    workdir = tempfile.TemporaryDirectory(prefix="instgenie-bench-")
-    repository = render_repository(
-        source, Path(workdir.name) / "models", {name: parameters for name in models_with_parameter(source, "model_dir")}
-    )
-    server = TritonServer(repository, log_file=Path(args.server_log) if args.server_log else None)
     records: list[Record] = []
     summaries: list[dict] = []
     discarded: list[dict] = []  # summaries of runs repeated because other jobs loaded the machine
+    stack = Stack(args)
     try:
-        server.start()
-        server.wait_ready(300)
-        log.info("server ready (grpc %s)", server.grpc_url)
-        client = InstGenIEClient(server.grpc_url, timeout_s=args.request_timeout)
-        templates = []
-        for i in range(args.templates):
-            image = png(sample_template(args.size, seed=1000 + i))
-            prompt, seed = TEMPLATE_PROMPTS[i % len(TEMPLATE_PROMPTS)], 100 + i
-            template_id = client.register_template(image, prompt, seed=seed, steps=args.steps)
-            templates.append(Template(i, template_id, image, prompt, seed, args.steps))
-        log.info("registered %d templates", len(templates))
-        caller = Caller(server.grpc_url, templates, args.request_timeout)
-
+        caller, server, exclude = stack.caller, stack.server, stack.exclude
         # Unloaded latency: sequential requests from a separate draw of the same trace.
-        exclude = {os.getpgrp(), server.pid}
-        probe = make_workload(args.warmup + args.unloaded, args.size, trace, len(templates), args.seed + 1)
+        probe = make_workload(args.warmup + args.unloaded, args.size, trace, len(stack.templates), args.seed + 1)
         unloaded: dict[str, dict] = {}
         for system in SYSTEMS:
             run_sequential(caller, system, probe[: args.warmup])
@@ -1038,55 +1167,33 @@ def main(argv: list[str] | None = None) -> int:
             )
         log.info("rates: %s", rates)
 
-        workload = make_workload(args.requests, args.size, trace, len(templates), args.seed)
+        workload = make_workload(args.requests, args.size, trace, len(stack.templates), args.seed)
         for rate in rates:
             for system in SYSTEMS:
-                for attempt in range(args.repeat_noisy + 1):
-                    wait_idle(server)
-                    wait_quiet(exclude, args.quiet_wait)
-                    before = metric_snapshot(server.metrics_url)
-                    other = OtherLoad(exclude)
-                    run = run_open_loop(caller, system, rate, workload)
-                    other_cores = other.cores()
-                    wait_idle(server)
-                    after = metric_snapshot(server.metrics_url)
-                    summary = {"system": system, "rate": rate, **summarize(run), "other_cores": other_cores}
-                    summary["server"] = server_stats(system, before, after, summary["completed"], args.steps)
-                    if other_cores <= args.max_other_cores or attempt == args.repeat_noisy:
-                        break
-                    log.warning(
-                        "%s at %.3f req/s ran beside %.2f busy cores of other processes; repeating the run", system, rate, other_cores
-                    )
-                    discarded.append(summary)
+                run, summary, repeated = stack.measure(system, rate, workload)
                 records += run
                 summaries.append(summary)
-                log.info(
-                    "%-9s rate %.3f: %d/%d ok, throughput %s, mean %s s, p95 %s s",
-                    system, rate, summary["completed"], summary["requests"], fmt(summary.get("throughput"), 3),
-                    fmt(summary.get("mean_s")), fmt(summary.get("p95_s")),
-                )  # fmt: skip
+                discarded += repeated
     finally:
-        code = server.stop(drain_timeout_s=60)
-        log.info("server stopped (status %s)", code)
-        workdir.cleanup()
+        stack.close()
 
     load_after = os.getloadavg()
     report = {
         "config": {
-            "quick": args.quick, "model": str(model), "model_size": args.model_size, "size": args.size,
+            "quick": args.quick, "model": str(stack.model), "model_size": args.model_size, "size": args.size,
             "text_len": args.text_len, "steps": args.steps, "templates": args.templates, "requests": args.requests,
             "rates": rates, "rate_origin": origin, "slo_factor": args.slo_factor, "max_active": args.max_active,
             "slo_factors": [float(f) for f in args.slo_factors.split(",")],
             "max_waiting": args.max_waiting, "seed": args.seed, "argv": raw_argv,
             "max_other_cores": args.max_other_cores, "repeat_noisy": args.repeat_noisy,
-        },  # fmt: skip
+        },
         "environment": {
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "tritonserver": "2.51.0 from nvidia-pytriton",
-            "git": git_state(),
+            "git": code_state,
             "load_before": ", ".join(f"{x:.2f}" for x in load_before),
             "load_after": ", ".join(f"{x:.2f}" for x in load_after),
         },

@@ -30,3 +30,32 @@ def test_process_codec_results_equal_local_codec(model_dirs: dict[str, Path]) ->
     assert remote_template.template_id == local_template.template_id
     assert torch.equal(local_template.final_latents, remote_template.final_latents)
     assert edited.computed_tokens < edited.num_tokens
+
+
+def test_codec_workers_exit_when_their_parent_dies(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from instgenie import Engine\n"
+        "from instgenie.codec import ProcessCodec\n"
+        f"engine = Engine.from_pretrained({str(model_dirs['flux-fill'])!r}, max_sequence_length=8)\n"
+        f"codec = ProcessCodec(engine.family, {str(model_dirs['flux-fill'])!r})\n"
+        "print(*[p.pid for p in codec._pool._processes.values()], flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert workers
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 15
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+    assert not alive, f"orphaned codec workers {alive}"

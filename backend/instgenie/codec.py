@@ -19,6 +19,8 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Protocol
 
@@ -82,10 +84,19 @@ def _prepare(family: Family, image, pixel_mask, settings, scheduler, timesteps, 
 _family: Family | None = None
 
 
+def _exit_with_parent(parent: int) -> None:
+    # A SIGKILLed server (or stub) cannot shut its pool down; orphaned workers would
+    # keep their memory and semaphores forever.
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def _load(model_dir: str, device: str, dtype: str, threads: int, nice: int) -> None:
     global _family
     from .loading import load_pipeline
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(threads)
     if nice and hasattr(os, "nice"):
         os.nice(nice)
