@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,13 @@ def response(pb_utils: Any, outputs: dict[str, np.ndarray]) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
 
 
+# The step loop and the worker threads answer different requests at the same time. A
+# tritonserver 2.51 crash (SIGSEGV in libtriton_python.so) was seen once in CI right after a
+# cancellation under such concurrency; every call into the stub's sender is serialized here
+# as a precaution (each is a short IPC message).
+_SENDER_LOCK = threading.Lock()
+
+
 class TritonJobSink:
     """Progress responses (when asked for) and exactly one final response per request."""
 
@@ -41,22 +49,27 @@ class TritonJobSink:
         self._base64_output = base64_output
 
     def cancelled(self) -> bool:
-        return bool(self._sender.is_cancelled())
+        with _SENDER_LOCK:
+            return bool(self._sender.is_cancelled())
 
     def progress(self, step: int, total_steps: int) -> None:
         if self._progress:
-            self._sender.send(response(self._pb, progress_outputs(self.request_id, step, total_steps)))
+            self._send(response(self._pb, progress_outputs(self.request_id, step, total_steps)))
 
     def finish(self, outcome: JobOutcome) -> None:
         final = response(self._pb, outcome_outputs(outcome, self._base64_output))
-        self._sender.send(final, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._send(final, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def send_outputs(self, outputs: dict[str, np.ndarray]) -> None:
         """A final response outside the step loop (e.g. the template list)."""
-        self._sender.send(response(self._pb, outputs), flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._send(response(self._pb, outputs), flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def fail(self, error: InstGenIEError) -> None:
-        self._sender.send(
+        self._send(
             self._pb.InferenceResponse(error=triton_error(self._pb, self.request_id, error)),
             flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
         )
+
+    def _send(self, message: Any, flags: int = 0) -> None:
+        with _SENDER_LOCK:
+            self._sender.send(message, flags=flags)
