@@ -17,19 +17,33 @@ def test_process_codec_results_equal_local_codec(model_dirs: dict[str, Path]) ->
     mask, image = png(rect_mask(0.3, seed=3)), png(template_image(31))
     local = engine.edit(mask, "a lamp", image=image, seed=4, steps=3)
     local_template = engine.register_template(image, "a room", seed=4, steps=3)
+    local_edited = engine.edit(mask, "a hat", template_id=local_template.template_id)
 
     engine.use_codec(ProcessCodec(engine.family, str(model_dirs["flux-fill"]), workers=1, nice=5))
+    # Every VAE call must now happen in the worker, including FluxFill's encode of the
+    # masked image on the template-reuse path (it would otherwise contend with the loop).
+    vae = engine.family.pipe.vae
+
+    def in_process_vae(*_: object) -> None:
+        raise AssertionError("the VAE ran in the step loop's process")
+
+    hooks = [vae.encoder.register_forward_pre_hook(in_process_vae), vae.decoder.register_forward_pre_hook(in_process_vae)]
     try:
         remote = engine.edit(mask, "a lamp", image=image, seed=4, steps=3)
         remote_template = engine.register_template(image, "a room", seed=4, steps=3)
         edited = engine.edit(mask, "a hat", template_id=remote_template.template_id)
     finally:
         engine.codec.close()
+        for hook in hooks:
+            hook.remove()
     assert torch.equal(local.latents, remote.latents)
     assert np.array_equal(np.asarray(local.image), np.asarray(remote.image))
+    assert local.png == remote.png
     assert remote_template.template_id == local_template.template_id
     assert torch.equal(local_template.final_latents, remote_template.final_latents)
     assert edited.computed_tokens < edited.num_tokens
+    assert torch.equal(local_edited.latents, edited.latents)
+    assert local_edited.png == edited.png
 
 
 def test_codec_workers_exit_when_their_parent_dies(model_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ def _edit_local(args: argparse.Namespace) -> int:
     import torch
 
     from .engine import Engine
-    from .imaging import encode_png
 
     engine = Engine.from_pretrained(
         args.model, device=args.device, dtype=getattr(torch, args.dtype), max_sequence_length=args.max_sequence_length
@@ -50,7 +49,7 @@ def _edit_local(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         result = engine.edit(mask_bytes, args.prompt, template_id=record.template_id)
         edit_s = time.perf_counter() - started
-    Path(args.out).write_bytes(encode_png(result.image))
+    Path(args.out).write_bytes(result.png)
     print(f"edited {result.computed_tokens}/{result.num_tokens} tokens in {edit_s:.2f} s -> {args.out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Where the work around the denoising steps runs: prompt encoding, VAE encode, VAE decode.
+"""Where the work around the denoising steps runs: prompt encoding, VAE encode, VAE decode, PNG.
 
 A serving loop must not be slowed by this work. Threads in the loop's process are not
 enough: the text encoders and the VAE hold the GIL between their kernels, and the
@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 
 from .families import Family, GenerationSettings, LatentInputs, TextEmbeddings
+from .imaging import encode_png
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,18 @@ class Codec(Protocol):
     ) -> LatentInputs:
         """The family's ``prepare_latents`` from the decoded image and ``[H, W]`` bool mask."""
 
-    def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image: ...
+    def render(
+        self, latents: torch.Tensor, settings: GenerationSettings, original: Image.Image, pixel_mask: np.ndarray
+    ) -> RenderedImage:
+        """Decode full-grid latents, keep ``original``'s pixels outside the mask, encode PNG."""
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    image: Image.Image
+    png: bytes
 
 
 class LocalCodec:
@@ -64,8 +75,8 @@ class LocalCodec:
     def prepare_latents(self, image, pixel_mask, settings, scheduler, timesteps, reuse) -> LatentInputs:  # type: ignore[no-untyped-def]
         return _prepare(self.family, image, pixel_mask, settings, scheduler, timesteps, reuse)
 
-    def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
-        return self.family.decode(latents, settings)
+    def render(self, latents, settings, original, pixel_mask) -> RenderedImage:  # type: ignore[no-untyped-def]
+        return _render(self.family, latents, settings, original, pixel_mask)
 
     def close(self) -> None:
         pass
@@ -78,6 +89,12 @@ def _prepare(family: Family, image, pixel_mask, settings, scheduler, timesteps, 
     return family.prepare_latents(
         image_tensor, family.pixel_mask_tensor(pixel_mask), settings, scheduler, timesteps, reuse
     )
+
+
+def _render(family: Family, latents, settings, original, pixel_mask) -> RenderedImage:  # type: ignore[no-untyped-def]
+    decoded = np.asarray(family.decode(latents, settings))
+    image = Image.fromarray(np.where(pixel_mask[..., None], decoded, np.asarray(original)))
+    return RenderedImage(image, encode_png(image))
 
 
 # -- worker process side ----------------------------------------------------------------
@@ -109,23 +126,23 @@ def _encode_prompt(prompt: str, settings: GenerationSettings) -> TextEmbeddings:
     return _family.encode_prompt(prompt, settings)
 
 
-def _prepare_latents(image, pixel_mask, settings, scheduler, timesteps) -> tuple[LatentInputs, Any]:  # type: ignore[no-untyped-def]
+def _prepare_latents(image, pixel_mask, settings, scheduler, timesteps, reuse) -> tuple[LatentInputs, Any]:  # type: ignore[no-untyped-def]
     assert _family is not None
-    inputs = _prepare(_family, image, pixel_mask, settings, scheduler, timesteps, None)
+    inputs = _prepare(_family, image, pixel_mask, settings, scheduler, timesteps, reuse)
     return inputs, scheduler  # the scheduler travels back in case the pipeline's helpers touched it
 
 
-def _decode(latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
+def _render_remote(latents, settings, original, pixel_mask) -> RenderedImage:  # type: ignore[no-untyped-def]
     assert _family is not None
-    return _family.decode(latents, settings)
+    return _render(_family, latents, settings, original, pixel_mask)
 
 
 class ProcessCodec:
     """The same work in ``workers`` processes at ``nice`` lower CPU priority.
 
     Each worker loads the pipeline folder once (text encoders, VAE; the transformer
-    is loaded too and unused). Preparation that reuses a template's latents needs no
-    VAE and stays local.
+    is loaded too and unused). Preparation that reuses a template's latents stays
+    local unless the family still runs its VAE then (``Family.encodes_on_reuse``).
     """
 
     def __init__(
@@ -156,14 +173,16 @@ class ProcessCodec:
         return self._pool.submit(_encode_prompt, prompt, settings).result()
 
     def prepare_latents(self, image, pixel_mask, settings, scheduler, timesteps, reuse) -> LatentInputs:  # type: ignore[no-untyped-def]
-        if reuse is not None:
+        if reuse is not None and not self.local.family.encodes_on_reuse:
             return self.local.prepare_latents(image, pixel_mask, settings, scheduler, timesteps, reuse)
-        inputs, used = self._pool.submit(_prepare_latents, image, pixel_mask, settings, scheduler, timesteps).result()
+        inputs, used = self._pool.submit(
+            _prepare_latents, image, pixel_mask, settings, scheduler, timesteps, reuse
+        ).result()
         scheduler.__dict__.update(used.__dict__)
         return inputs
 
-    def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
-        return self._pool.submit(_decode, latents, settings).result()
+    def render(self, latents, settings, original, pixel_mask) -> RenderedImage:  # type: ignore[no-untyped-def]
+        return self._pool.submit(_render_remote, latents, settings, original, pixel_mask).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -34,7 +34,7 @@ from .attention import TokenBatch, TokenRow
 from .codec import Codec, LocalCodec
 from .errors import CacheBudgetExceeded, InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
-from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask
+from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask, encode_png
 from .loading import load_pipeline
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class RequestState:
 @dataclass
 class EditResult:
     image: Image.Image
+    png: bytes  # ``image`` as PNG, encoded where the codec decoded it
     latents: torch.Tensor | None  # [1, N, C] final latents of the full grid; None if nothing was denoised
     request_id: str
     computed_tokens: int
@@ -515,12 +516,13 @@ class Engine:
         latents = self.final_latents(state)
         if not state.pixel_mask.any():
             image = state.image.copy()
+            png = encode_png(image)
         else:
-            decoded = np.asarray(self.codec.decode(latents, state.settings))
-            original = np.asarray(state.image)
-            image = Image.fromarray(np.where(state.pixel_mask[..., None], decoded, original))
+            rendered = self.codec.render(latents, state.settings, state.image, state.pixel_mask)
+            image, png = rendered.image, rendered.png
         return EditResult(
             image=image,
+            png=png,
             latents=latents,
             request_id=state.request_id,
             computed_tokens=state.computed_tokens,

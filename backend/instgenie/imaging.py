@@ -99,7 +99,11 @@ def check_grid(width: int, height: int, grid: int) -> None:
 
 
 def encode_png(image: Image.Image) -> bytes:
-    """Lossless PNG bytes of ``image``."""
+    """Lossless PNG bytes of ``image``.
+
+    zlib level 1: a third of the default level's time (16 vs 53 ms at 512x512) for
+    ~25% more bytes; per request that is more CPU than a masked denoising step.
+    """
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()

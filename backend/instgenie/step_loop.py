@@ -29,7 +29,6 @@ import torch
 
 from .engine import Engine, RequestState
 from .errors import Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
-from .imaging import encode_png
 from .scheduler import FcfsScheduler
 
 log = logging.getLogger(__name__)
@@ -329,7 +328,7 @@ class StepLoop:
             outcome = JobOutcome(
                 result.request_id,
                 result.template_id,
-                encode_png(result.image),
+                result.png,
                 result.computed_tokens,
                 result.num_tokens,
                 state.total_steps,

@@ -113,6 +113,9 @@ class Family(ABC):
     #: Whether an edit must use its template's noise seed for the cache to be valid
     #: (pipelines that blend the noised original back in).
     seed_must_match: ClassVar[bool] = True
+    #: Whether ``prepare_latents`` runs the VAE even when it reuses a template's inputs
+    #: (FluxFill encodes each edit's masked image), so it belongs off the loop's process.
+    encodes_on_reuse: ClassVar[bool] = False
     default_steps: ClassVar[int] = 28
     default_guidance: ClassVar[float] = 3.5
 

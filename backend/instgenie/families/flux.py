@@ -144,6 +144,7 @@ class FluxFillFamily(FluxFamily):
 
     pipeline_classes = ("FluxFillPipeline",)
     seed_must_match = False
+    encodes_on_reuse = True
     default_guidance = 30.0
 
     def prepare_latents(
