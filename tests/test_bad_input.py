@@ -286,7 +286,7 @@ def test_seed_differs_from_template_is_allowed_for_flux_fill(fill: Engine, fill_
 
 def test_template_of_another_model_is_template_mismatch(fill: Engine, fill_template: TemplateRecord) -> None:
     other = sibling_engine(fill, model_fingerprint="other")
-    other.add_template(fill_template)
+    other.add_template(fill_template, fill_template.activations)
     with pytest.raises(TemplateMismatch, match=r"recorded with model .*this engine serves other") as info:
         other.edit(png(rect_mask(0.5)), EDIT_PROMPT, template_id=fill_template.template_id)
     assert "model" in str(info.value)
@@ -294,7 +294,7 @@ def test_template_of_another_model_is_template_mismatch(fill: Engine, fill_templ
 
 def test_template_of_another_text_length_is_template_mismatch(fill: Engine, fill_template: TemplateRecord) -> None:
     other = sibling_engine(fill, max_sequence_length=2 * TEXT_LEN)
-    other.add_template(fill_template)
+    other.add_template(fill_template, fill_template.activations)
     with pytest.raises(TemplateMismatch, match=r"another text length"):
         other.edit(png(rect_mask(0.5)), EDIT_PROMPT, template_id=fill_template.template_id)
 

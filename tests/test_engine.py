@@ -106,7 +106,7 @@ def test_corrupted_cache_entry_changes_the_result(engine: Engine) -> None:
     mask = png(rect_mask(0.25, seed=8))
     record = engine.register_template(png(template_image(8)), "a lamp", seed=3, steps=STEPS, mask=mask)
     full = engine.edit(mask, "a lamp", template_id=record.template_id, full_compute=True)
-    key, value = record.activations.get(0, 0, 0)
+    key, _ = engine.store.host.get((record.template_id, 0)).kv[(0, 0)]  # step 0, row 0, site 0
     key.add_(torch.randn_like(key))
 
     corrupted = engine.edit(mask, "a lamp", template_id=record.template_id)
@@ -153,7 +153,7 @@ def test_second_engine_over_one_pipeline_computes_the_same(engines: dict) -> Non
     before = first.edit(mask, "a chair", template_id=record.template_id)
 
     second = Engine(first.family.pipe, type(first.family), first.model_fingerprint, max_sequence_length=TEXT_LEN)
-    second.add_template(record)
+    second.add_template(record, record.activations)
     after = second.edit(mask, "a chair", template_id=record.template_id)
 
     assert torch.equal(before.latents, after.latents)

@@ -2,10 +2,8 @@
 
 A template run records, for every denoising step, every transformer row (2 under
 classifier-free guidance) and every attention site, the post-norm (post-RoPE for
-Flux) K and V of all image tokens. Edits read them back through
-:class:`StepActivations`, the :class:`~instgenie.attention.KVSource` of one row at
-one step. This module is the in-memory store; where the bytes live (host tiers, disk,
-the loading pipeline) is decided above it.
+Flux) K and V of all image tokens. This module is the in-memory recording; the
+:mod:`instgenie.cache` store keeps it (host memory, disk) and serves it to edits.
 """
 
 from __future__ import annotations
@@ -20,9 +18,11 @@ class TemplateActivations:
 
     def __init__(self) -> None:
         self._kv: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.token_dims: dict[int, int] = {}  # site -> the token axis of its per-row K/V
 
-    def put(self, step: int, row: int, site: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def put(self, step: int, row: int, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
         self._kv[(step, row, site)] = (key.detach().clone(), value.detach().clone())
+        self.token_dims[site] = token_dim
 
     def get(self, step: int, row: int, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -32,6 +32,10 @@ class TemplateActivations:
 
     def keys(self) -> list[KVKey]:
         return sorted(self._kv)
+
+    @property
+    def steps(self) -> int:
+        return 1 + max((step for step, _, _ in self._kv), default=-1)
 
     @property
     def nbytes(self) -> int:
@@ -45,11 +49,13 @@ class TemplateActivations:
 class StepActivations:
     """One row's K/V at one step: reads (edits) or writes (template recording)."""
 
+    token_index = None  # a recording holds every token
+
     def __init__(self, store: TemplateActivations, step: int, row: int) -> None:
         self.store, self.step, self.row = store, step, row
 
     def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.get(self.step, self.row, site)
 
-    def record(self, site: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        self.store.put(self.step, self.row, site, key, value)
+    def record(self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
+        self.store.put(self.step, self.row, site, key, value, token_dim)

@@ -47,17 +47,21 @@ def _small_query_tail(queries: int) -> bool:
 
 
 class KVSource(Protocol):
-    """Recorded K/V of every image token of one row at its current step."""
+    """Recorded image-token K/V of one row at its current step."""
+
+    #: Raster indices of the tokens ``kv`` returns, or ``None`` for all ``N`` in order.
+    #: Tokens left out must be ones the row computes (a template's own edit region).
+    token_index: torch.Tensor | None
 
     def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of attention site ``site``, in the site's layout with all ``N`` tokens."""
+        """K and V of attention site ``site`` in the site's layout (any float dtype)."""
         ...
 
 
 class KVSink(Protocol):
     """Receives the K/V of every image token of one row (template recording)."""
 
-    def record(self, site: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def record(self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
         """Store copies: the tensors passed in are reused by the computation."""
         ...
 
@@ -163,14 +167,19 @@ class TokenBatch:
                     full_value[b].copy_(computed_value)
                     continue
                 cached_key, cached_value = row.cached.kv(site)
-                full_key[b].copy_(cached_key)
-                full_value[b].copy_(cached_value)
+                stored = row.cached.token_index
+                if stored is None:
+                    full_key[b].copy_(cached_key)
+                    full_value[b].copy_(cached_value)
+                else:
+                    full_key[b].index_copy_(row_dim, stored, cached_key.to(key.dtype))
+                    full_value[b].index_copy_(row_dim, stored, cached_value.to(value.dtype))
                 full_key[b].index_copy_(row_dim, row.token_index, computed_key)
                 full_value[b].index_copy_(row_dim, row.token_index, computed_value)
         if self.records:
             for b, row in enumerate(self.rows):
                 if row.recorder is not None:
-                    row.recorder.record(site, full_key[b], full_value[b])
+                    row.recorder.record(site, full_key[b], full_value[b], token_dim - 1)
         return full_key, full_value
 
 

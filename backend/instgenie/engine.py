@@ -14,13 +14,14 @@ that recording.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import json
 import logging
 import math
 import threading
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -31,8 +32,9 @@ from PIL import Image
 from . import masking
 from .activations import TemplateActivations
 from .attention import TokenBatch, TokenRow
+from .cache import ActivationStore, TemplateCache
 from .codec import Codec, LocalCodec
-from .errors import CacheBudgetExceeded, InvalidInput, TemplateMismatch, UnknownTemplate
+from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask, encode_png
 from .loading import load_pipeline
@@ -46,7 +48,7 @@ class EngineLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_steps: int = 100
     max_guidance: float = 100.0
-    template_budget_bytes: int | None = None  # recorded K/V kept in memory; least recently used go first
+    template_budget_bytes: int | None = None  # host memory for recorded K/V (default store); LRU eviction
 
 
 class RequestKind(enum.Enum):
@@ -56,7 +58,10 @@ class RequestKind(enum.Enum):
 
 @dataclass
 class TemplateRecord:
-    """A registered template: its full run's inputs, result and recorded K/V."""
+    """A registered template: its full run's inputs and result. Its K/V live in the
+    engine's :class:`~instgenie.cache.ActivationStore`; ``activations`` is the
+    recording itself on the record :meth:`Engine.finish_template` returns (for
+    inspection), ``None`` on records the engine keeps or rebuilds from disk."""
 
     template_id: str
     model_fingerprint: str
@@ -67,7 +72,8 @@ class TemplateRecord:
     mask_tokens: torch.Tensor  # int64 [K]
     inputs: LatentInputs  # full grid, before the first step
     final_latents: torch.Tensor  # [1, N, C]
-    activations: TemplateActivations
+    cache_bytes: int = 0  # the K/V as stored (mode-dependent)
+    activations: TemplateActivations | None = None
 
 
 @dataclass
@@ -86,7 +92,8 @@ class RequestState:
     text: TextEmbeddings
     scheduler: Any
     timesteps: torch.Tensor
-    template: TemplateRecord | None = None  # read K/V of uncomputed tokens from here
+    template: TemplateRecord | None = None  # read K/V of uncomputed tokens from its cache
+    kv: TemplateCache | None = None  # this request's handle on that cache (fetches ahead)
     template_id: str | None = None  # the template the request edits, cached or not
     recording: TemplateActivations | None = None  # record K/V here (RECORD requests)
     full_inputs: LatentInputs | None = None  # RECORD requests keep the full-grid inputs
@@ -186,6 +193,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         max_sequence_length: int = 512,
         limits: EngineLimits = EngineLimits(),
+        store: ActivationStore | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
@@ -194,7 +202,11 @@ class Engine:
         self.max_sequence_length = max_sequence_length
         self.limits = limits
         self.codec: Codec = LocalCodec(self.family)  # prompt encoding and VAE work; see use_codec
-        self._templates: OrderedDict[str, TemplateRecord] = OrderedDict()  # least recently used first
+        # Where recorded K/V live; by default host memory only, under the template budget.
+        self.store = store or ActivationStore(
+            model_fingerprint, host_budget_bytes=limits.template_budget_bytes, device=self.device
+        )
+        self._templates: dict[str, TemplateRecord] = {}  # metadata of templates the store holds
         self._templates_lock = threading.Lock()
 
     @classmethod
@@ -206,9 +218,18 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         max_sequence_length: int = 512,
         limits: EngineLimits = EngineLimits(),
+        cache: dict[str, Any] | None = None,
     ) -> "Engine":
-        """Load a diffusers pipeline folder (tiny or real checkpoint)."""
+        """Load a diffusers pipeline folder (tiny or real checkpoint).
+
+        ``cache``: keyword arguments of :class:`~instgenie.cache.ActivationStore`
+        (``mode``, ``host_budget_bytes``, ``disk_dir``, ...); default host memory only.
+        """
         pipe, family_cls, fingerprint = load_pipeline(model_dir, device, dtype)
+        store = None
+        if cache is not None:
+            options = {"host_budget_bytes": limits.template_budget_bytes, "device": device, **cache}
+            store = ActivationStore(fingerprint, **options)
         return cls(
             pipe,
             family_cls,
@@ -217,6 +238,7 @@ class Engine:
             dtype=dtype,
             max_sequence_length=max_sequence_length,
             limits=limits,
+            store=store,
         )
 
     def use_codec(self, codec: Codec) -> None:
@@ -226,39 +248,48 @@ class Engine:
 
     # -- templates -------------------------------------------------------------
     def template(self, template_id: str) -> TemplateRecord:
+        """A registered template; rebuilt from the disk tier if only that holds it."""
         with self._templates_lock:
             record = self._templates.get(template_id)
-            if record is not None:
-                self._templates.move_to_end(template_id)
-        if record is None:
-            raise UnknownTemplate(f"unknown template {template_id!r}; register it (again) first")
+        if record is not None and self.store.has(template_id):
+            self.store.host.touch_template(template_id)
+            return record
+        if record is not None:  # its K/V were evicted (host-only store)
+            with self._templates_lock:
+                self._templates.pop(template_id, None)
+            raise UnknownTemplate(f"template {template_id!r} was evicted from the cache; register it again")
+        meta, info = self.store.meta(template_id)  # UnknownTemplate / CacheCorrupt
+        record = _record_from_meta(template_id, meta, info)
+        if record.model_fingerprint != self.model_fingerprint:
+            raise UnknownTemplate(f"template {template_id!r} was recorded with another model; register it again")
+        record.cache_bytes = self.store.nbytes(template_id)
+        with self._templates_lock:
+            self._templates[template_id] = record
         return record
 
-    def add_template(self, record: TemplateRecord) -> None:
-        """Keep ``record``; evict least recently used templates beyond the memory budget.
+    def add_template(self, record: TemplateRecord, recording: TemplateActivations) -> None:
+        """Store ``recording`` as ``record``'s cache (host memory; disk if configured).
 
-        Requests already running hold their template and are unaffected by eviction.
+        Requests already running hold their template's cache and are unaffected by
+        eviction. Raises ``CacheBudgetExceeded`` / ``CacheWriteFailed``.
         """
-        budget = self.limits.template_budget_bytes
-        size = record.activations.nbytes
-        if budget is not None and size > budget:
-            raise CacheBudgetExceeded(
-                f"template {record.template_id} records {size} bytes of K/V; the cache budget is {budget} bytes"
-            )
+        meta, info = _record_meta(record)
+        record.cache_bytes = self.store.put(record.template_id, recording, meta, info, record.mask_tokens)
         with self._templates_lock:
-            self._templates[record.template_id] = record
-            self._templates.move_to_end(record.template_id)
-            while budget is not None and sum(r.activations.nbytes for r in self._templates.values()) > budget:
-                evicted, _ = self._templates.popitem(last=False)
-                log.info("evicted template %s (cache budget %d bytes)", evicted, budget)
+            self._templates[record.template_id] = dataclasses.replace(record, activations=None)
 
     def has_template(self, template_id: str) -> bool:
+        return self.store.has(template_id)
+
+    def forget_template(self, template_id: str) -> TemplateRecord | None:
+        """Drop the template everywhere; return its record if it was in memory (to record it again)."""
         with self._templates_lock:
-            return template_id in self._templates
+            record = self._templates.pop(template_id, None)
+        self.store.discard(template_id)
+        return record
 
     def template_ids(self) -> list[str]:
-        with self._templates_lock:
-            return sorted(self._templates)
+        return self.store.template_ids()
 
     # -- preparation -----------------------------------------------------------
     def _settings(
@@ -337,6 +368,9 @@ class Engine:
             template=None if computes_all else template,
             template_id=None if template is None else template.template_id,
         )
+        if state.template is not None:
+            # Opened at preparation, before admission: the first steps load meanwhile.
+            state.kv = self.store.open(state.template.template_id)
         if kind is RequestKind.RECORD:
             state.recording = TemplateActivations()
             state.full_inputs = full_inputs
@@ -443,7 +477,7 @@ class Engine:
                 rows.append(
                     TokenRow(
                         token_index=state.token_index,
-                        cached=None if state.template is None else state.template.activations.at(state.step_index, row),
+                        cached=None if state.kv is None else state.kv.at(state.step_index, row),
                         recorder=None if state.recording is None else state.recording.at(state.step_index, row),
                     )
                 )
@@ -475,6 +509,8 @@ class Engine:
                 proper = state.scheduler.scale_noise(proper, torch.tensor([next_t]), inputs.noise)
             latents = (1 - inputs.blend_mask) * proper + inputs.blend_mask * latents
         inputs.latents = latents
+        if state.kv is not None:
+            state.kv.advance(state.step_index)
         state.step_index += 1
 
     # -- finishing ---------------------------------------------------------------
@@ -494,7 +530,7 @@ class Engine:
         if state.kind is not RequestKind.RECORD or not state.done:
             raise ValueError("finish_template takes a finished RECORD state")
         assert state.recording is not None and state.full_inputs is not None
-        record = TemplateRecord(
+        template = TemplateRecord(
             template_id=self.template_id(state),
             model_fingerprint=self.model_fingerprint,
             settings=state.settings,
@@ -506,13 +542,19 @@ class Engine:
             final_latents=state.inputs.latents,
             activations=state.recording,
         )
-        self.add_template(record)
-        return record
+        self.add_template(template, state.recording)
+        return template
+
+    def release(self, state: RequestState) -> None:
+        """Let go of what ``state`` holds in the cache; call when a request leaves for any reason."""
+        if state.kv is not None:
+            state.kv.release()
 
     def finish_edit(self, state: RequestState) -> EditResult:
         """Decode a finished edit; pixels outside its mask are the template's, byte for byte."""
         if state.kind is not RequestKind.EDIT or not state.done:
             raise ValueError("finish_edit takes a finished EDIT state")
+        self.release(state)
         latents = self.final_latents(state)
         if not state.pixel_mask.any():
             image = state.image.copy()
@@ -561,3 +603,42 @@ class Engine:
 def _pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     """Stack ``[M_b, C]`` rows into ``[B, length, C]``, padding with each row's last token."""
     return torch.stack([torch.cat([r, r[-1:].expand(length - r.shape[0], -1)]) if r.shape[0] < length else r for r in rows])
+
+
+_INPUT_FIELDS = ("latents", "condition", "image_latents", "noise", "blend_mask", "generator_state")
+
+
+def _record_meta(record: TemplateRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A template record (without K/V) as tensors and strings, for the disk tier."""
+    meta = {
+        "final_latents": record.final_latents,
+        "mask_tokens": record.mask_tokens,
+        "pixel_mask": torch.from_numpy(np.ascontiguousarray(record.pixel_mask, dtype=np.uint8)),
+        "image": torch.from_numpy(np.array(record.image.convert("RGB"), dtype=np.uint8)),
+    }
+    for name in _INPUT_FIELDS:
+        value = getattr(record.inputs, name)
+        if value is not None:
+            meta[f"inputs.{name}"] = value
+    info = {
+        "template_id": record.template_id,
+        "model_fingerprint": record.model_fingerprint,
+        "settings": json.dumps(dataclasses.asdict(record.settings)),
+        "prompt": record.prompt,
+    }
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in meta.items()}, info
+
+
+def _record_from_meta(template_id: str, meta: dict[str, torch.Tensor], info: dict[str, str]) -> TemplateRecord:
+    inputs = LatentInputs(**{name: meta.get(f"inputs.{name}") for name in _INPUT_FIELDS})  # type: ignore[arg-type]
+    return TemplateRecord(
+        template_id=template_id,
+        model_fingerprint=info["model_fingerprint"],
+        settings=GenerationSettings(**json.loads(info["settings"])),
+        prompt=info["prompt"],
+        image=Image.fromarray(meta["image"].numpy()),
+        pixel_mask=meta["pixel_mask"].numpy().astype(bool),
+        mask_tokens=meta["mask_tokens"],
+        inputs=inputs,
+        final_latents=meta["final_latents"],
+    )

@@ -87,3 +87,18 @@ class CacheBudgetExceeded(InstGenIEError):
     """One template's recorded activations do not fit the cache budget."""
 
     reason = "cache_budget_exceeded"
+
+
+class CacheCorrupt(InstGenIEError):
+    """A template's cache on disk is missing, truncated or fails its checksum.
+
+    It is never used: the files are removed and the template is recorded again.
+    """
+
+    reason = "cache_corrupt"
+
+
+class CacheWriteFailed(InstGenIEError):
+    """A template's cache could not be written (disk full, unwritable cache folder)."""
+
+    reason = "cache_write_failed"

@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
+from PIL import Image
 
 from .engine import Engine, RequestState
-from .errors import Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
+from .errors import CacheCorrupt, Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
+from .imaging import encode_png
 from .scheduler import FcfsScheduler
 
 log = logging.getLogger(__name__)
@@ -346,6 +348,8 @@ class StepLoop:
             if job in self._queues.ready:
                 self._queues.ready.remove(job)
             self._cond.notify_all()
+        if job.state is not None:
+            self.engine.release(job.state)
         return True
 
     def _settle(self, job: _Job, outcome: JobOutcome) -> None:
@@ -404,8 +408,47 @@ class StepLoop:
                     self._active.remove(job)
                 self._fail(job, Cancelled("cancelled by the client"))
 
+    def _await_caches(self) -> None:
+        """Wait for each active request's cache of this step; a request whose cache
+        cannot be read fails alone (and a corrupt template is recorded again)."""
+        for job in list(self._active):
+            state = job.state
+            if state is None or state.kv is None:
+                continue
+            try:
+                state.kv.wait(state.step_index)
+            except InstGenIEError as error:
+                self._active.remove(job)
+                if isinstance(error, CacheCorrupt):
+                    error = self._record_again(state.kv.template_id, error)
+                self._fail(job, error)
+
+    def _record_again(self, template_id: str, error: CacheCorrupt) -> CacheCorrupt:
+        record = self.engine.forget_template(template_id)
+        if record is None:
+            return error
+        request = EditRequest(
+            f"rerecord-{template_id}",
+            action="register",
+            prompt=record.prompt,
+            image=encode_png(record.image),
+            mask=encode_png(Image.fromarray(record.pixel_mask)) if record.pixel_mask.any() else None,
+            seed=record.settings.seed,
+            steps=record.settings.steps,
+            guidance=record.settings.guidance,
+        )
+        try:
+            self.submit(request, _LogSink(request.request_id))
+        except InstGenIEError as busy:
+            log.warning("cannot record template %s again now: %s", template_id, busy)
+            return CacheCorrupt(f"{error}; register the template again")
+        return CacheCorrupt(f"{error}; it is being recorded again under the same id, retry shortly")
+
     def _step(self) -> None:
+        self._await_caches()
         batch = self._active
+        if not batch:
+            return
         states = [j.state for j in batch]
         started = self._clock()
         try:
@@ -436,3 +479,22 @@ class StepLoop:
                 still.append(job)
         self._active = still
         self._publish_load()
+
+
+class _LogSink:
+    """Sink of the loop's own requests (recording a corrupt template again): logs only."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+
+    def cancelled(self) -> bool:
+        return False
+
+    def progress(self, step: int, total_steps: int) -> None:
+        pass
+
+    def finish(self, outcome: JobOutcome) -> None:
+        log.info("%s: template %s recorded again", self.request_id, outcome.template_id)
+
+    def fail(self, error: InstGenIEError) -> None:
+        log.error("%s failed: %s", self.request_id, error)

@@ -1,0 +1,217 @@
+"""The disk tier: every recorded template, one folder per template, safetensors files.
+
+Layout under ``root/<mode>/<template_id>/``: ``meta.safetensors`` (what the engine
+needs to rebuild the template without its K/V), ``step-NNNN.safetensors`` (one per
+denoising step) and ``manifest.json`` (format, model fingerprint, byte size and
+CRC-32 of every file). Writes are atomic: a template is written into a
+``.partial-*`` folder that is renamed into place only after every file and the
+manifest are on disk, so a crash mid-write leaves nothing that loads. Reads
+memory-map the file, check its size and checksum before parsing, and raise
+:class:`~instgenie.errors.CacheCorrupt` on any mismatch: a bad file is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import uuid
+import warnings
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from ..errors import CacheCorrupt, CacheWriteFailed
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DiskTier"]
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+META = "meta.safetensors"
+
+_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def step_file(step: int) -> str:
+    return f"step-{step:04d}.safetensors"
+
+
+def _parse_safetensors(buffer: memoryview, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (copied out of ``buffer``) and metadata of a safetensors image."""
+    try:
+        (header_len,) = struct.unpack("<Q", buffer[:8])
+        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+        metadata = header.pop("__metadata__", {}) or {}
+        base = 8 + header_len
+        tensors = {}
+        for name, spec in header.items():
+            start, end = spec["data_offsets"]
+            dtype = _DTYPES[spec["dtype"]]
+            shape = spec["shape"]
+            if base + end > len(buffer):
+                raise ValueError("tensor data past the end of the file")
+            count = (end - start) // torch.empty((), dtype=dtype).element_size()
+            if count:
+                with warnings.catch_warnings():  # read-only map: the view is cloned at once
+                    warnings.simplefilter("ignore", UserWarning)
+                    flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + start)
+            else:
+                flat = torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape).clone()
+        return tensors, metadata
+    except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as exc:
+        raise CacheCorrupt(f"cache file {path} is malformed: {exc}") from exc
+
+
+class DiskTier:
+    """Template caches of one storage mode under ``root``, for one model."""
+
+    def __init__(self, root: str | Path, mode_name: str, model_fingerprint: str) -> None:
+        self.folder = Path(root) / mode_name
+        self.model_fingerprint = model_fingerprint
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheWriteFailed(f"cannot create the cache folder {self.folder}: {exc}") from exc
+        for partial in self.folder.glob(".partial-*"):  # left by a crash mid-write
+            shutil.rmtree(partial, ignore_errors=True)
+
+    # -- writing -----------------------------------------------------------------------
+    def write(
+        self,
+        template_id: str,
+        meta: dict[str, torch.Tensor],
+        info: dict[str, str],
+        steps: Iterable[tuple[int, dict[str, torch.Tensor]]],
+    ) -> int:
+        """Write a template atomically; return the bytes written."""
+        partial = self.folder / f".partial-{template_id}-{uuid.uuid4().hex[:8]}"
+        files: dict[str, dict[str, int]] = {}
+        try:
+            partial.mkdir()
+            files[META] = self._write_file(partial / META, meta, info)
+            count = 0
+            for step, tensors in steps:
+                files[step_file(step)] = self._write_file(partial / step_file(step), tensors, None)
+                count += 1
+            manifest = {
+                "format": FORMAT,
+                "template_id": template_id,
+                "model": self.model_fingerprint,
+                "steps": count,
+                "files": files,
+            }
+            self._write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
+            self._fsync_dir(partial)
+            final = self.folder / template_id
+            if final.exists():  # re-recorded (after corruption): swap, then drop the old one
+                old = self.folder / f".partial-old-{template_id}-{uuid.uuid4().hex[:8]}"
+                final.rename(old)
+                partial.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                partial.rename(final)
+            self._fsync_dir(self.folder)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise CacheWriteFailed(f"cannot write the cache of template {template_id} to {self.folder}: {exc}") from exc
+        return sum(f["bytes"] for f in files.values())
+
+    def _write_file(self, path: Path, tensors: dict[str, torch.Tensor], info: dict[str, str] | None) -> dict[str, int]:
+        data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=info)
+        self._write_bytes(path, data)
+        return {"bytes": len(data), "crc32": zlib.crc32(data)}
+
+    @staticmethod
+    def _write_bytes(path: Path, data: bytes) -> None:
+        with open(path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- reading -----------------------------------------------------------------------
+    def has(self, template_id: str) -> bool:
+        return (self.folder / template_id / MANIFEST).is_file()
+
+    def template_ids(self) -> list[str]:
+        return sorted(p.parent.name for p in self.folder.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+
+    def manifest(self, template_id: str) -> dict:
+        path = self.folder / template_id / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CacheCorrupt(f"the cache of template {template_id} is gone from {self.folder}") from None
+        except (OSError, ValueError) as exc:
+            raise CacheCorrupt(f"the cache manifest {path} is unreadable: {exc}") from exc
+        if manifest.get("format") != FORMAT or manifest.get("model") != self.model_fingerprint:
+            raise CacheCorrupt(f"the cache of template {template_id} was written for another model or format")
+        return manifest
+
+    def read_meta(self, template_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return self._read(template_id, META)
+
+    def read_step(self, template_id: str, step: int) -> dict[str, torch.Tensor]:
+        return self._read(template_id, step_file(step))[0]
+
+    def _read(self, template_id: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        expected = self.manifest(template_id)["files"].get(name)
+        path = self.folder / template_id / name
+        if expected is None:
+            raise CacheCorrupt(f"the cache manifest of template {template_id} lists no {name}")
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size != expected["bytes"]:
+                    raise CacheCorrupt(f"cache file {path} has {size} bytes, expected {expected['bytes']} (truncated?)")
+                if size == 0:
+                    raise CacheCorrupt(f"cache file {path} is empty")
+                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    view = memoryview(mapped)
+                    try:
+                        if zlib.crc32(view) != expected["crc32"]:
+                            raise CacheCorrupt(f"cache file {path} fails its checksum")
+                        return _parse_safetensors(view, path)
+                    finally:
+                        view.release()
+        except FileNotFoundError:
+            raise CacheCorrupt(f"cache file {path} is missing") from None
+        except OSError as exc:
+            raise CacheCorrupt(f"cache file {path} cannot be read: {exc}") from exc
+
+    def delete(self, template_id: str) -> None:
+        target = self.folder / template_id
+        if target.exists():
+            trash = self.folder / f".partial-del-{template_id}-{uuid.uuid4().hex[:8]}"
+            try:
+                target.rename(trash)
+            except OSError:
+                return
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def nbytes(self, template_id: str) -> int:
+        return sum(f["bytes"] for f in self.manifest(template_id)["files"].values())

@@ -1,0 +1,52 @@
+"""How a template's activations are stored: element type and which tokens.
+
+``float32`` with ``tokens="all"`` stores exactly what the recording run computed;
+``tokens="unmasked"`` drops the tokens of the template's own edit region, which every
+edit recomputes anyway (lossless, smaller when a template declares a region);
+``bfloat16`` halves the bytes at a rounding cost (edits equal to their template are
+then within a documented tolerance, not bit-exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = ["CacheMode"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    tokens: Literal["all", "unmasked"] = "all"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"cache dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.tokens not in ("all", "unmasked"):
+            raise ValueError(f"cache tokens must be 'all' or 'unmasked', got {self.tokens!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def lossless(self) -> bool:
+        return self.dtype == "float32"
+
+    @property
+    def name(self) -> str:
+        """Folder name of this mode's caches: caches of other modes are never read."""
+        return f"kv-{self.dtype}-{self.tokens}"
+
+    @classmethod
+    def parse(cls, text: str) -> "CacheMode":
+        """``"float32"``, ``"bfloat16,unmasked"``, ... (order free)."""
+        fields: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            fields["dtype" if part in _DTYPES else "tokens"] = part
+        return cls(**fields)  # type: ignore[arg-type]
