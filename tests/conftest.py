@@ -89,6 +89,7 @@ def triton_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPath
         "codec_nice": "0",
     }
     root = tmp_path_factory.mktemp("triton")
+    parameters["cache_dir"] = str(root / "cache")  # the disk tier; servers started from this repository share it
     repository = render_repository(source, root / "models", {name: parameters for name in models_with_parameter(source, "model_dir")})
     server = TritonServer(repository, log_file=root / "server.log")
     with server:

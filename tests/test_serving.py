@@ -296,6 +296,13 @@ def test_metrics_are_labelled_and_move(triton_server, url: str, templates: dict[
     for gauge in ("instgenie_active_requests", "instgenie_waiting_requests", "instgenie_masked_tokens", "instgenie_outstanding_token_steps"):
         assert any(series.startswith(gauge + "{") for series in after), gauge
     assert not any(series.startswith("instgenie_gpu_") for series in after)  # CPU: absent, not failing
+    time.sleep(1.5)  # the cache series are mirrored from the store once a second
+    cache = metrics(triton_server.metrics_url)
+    assert metric(cache, "instgenie_cache_step_hits_total", **labels) > 0
+    assert metric(cache, "instgenie_cache_written_bytes_total", **labels) > 0
+    assert metric(cache, "instgenie_cache_host_bytes", **labels) > 0
+    for name in ("instgenie_cache_load_stall_seconds_total", "instgenie_cache_evictions_total", "instgenie_cache_corrupt_total"):
+        assert any(series.startswith(name + "{") for series in cache), name
 
 
 def test_metrics_see_work_in_flight(triton_server, url: str, templates: dict[str, str]) -> None:
@@ -347,21 +354,30 @@ def test_graceful_shutdown_finishes_in_flight_work_and_leaves_nothing_running(tr
     assert not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
 
 
-def test_restart_serves_again_and_template_ids_are_stable(triton_server, tmp_path: Path) -> None:
+def test_restart_serves_templates_from_the_disk_tier_with_stable_ids(triton_server, tmp_path: Path) -> None:
     image = png(template_image(28))
     first = _own_server(triton_server, tmp_path / "a")
     (tmp_path / "a").mkdir()
     with first:
         template_id = register(first.grpc_url, image, STEPS=3)
+        stream = Stream(first.grpc_url)
+        try:
+            before = stream.call(edit_fields(template_id, 0.2), "before-restart")
+        finally:
+            stream.close()
     assert not first.alive()
     (tmp_path / "b").mkdir()
     second = _own_server(triton_server, tmp_path / "b")
     with second:
         stream = Stream(second.grpc_url)
         try:
-            gone = stream.call(edit_fields(template_id, 0.2), "after-restart")
+            after = stream.call(edit_fields(template_id, 0.2), "after-restart")  # not registered here
         finally:
             stream.close()
         again = register(second.grpc_url, image, STEPS=3)
-    assert gone.error is not None and gone.error.reason == "unknown_template"  # in-memory templates (disk tier: issue 4)
+        time.sleep(1.5)  # cache series are mirrored from the store once a second
+        cache = metrics(second.metrics_url)
+    assert before.error is None and after.error is None, after.error
+    assert after.outputs["EDITED_IMAGE"][0] == before.outputs["EDITED_IMAGE"][0]
     assert again == template_id
+    assert metric(cache, "instgenie_cache_step_hits_total") + metric(cache, "instgenie_cache_disk_loads_total") >= 3

@@ -53,6 +53,19 @@ def _edit_local(args: argparse.Namespace) -> int:
     print(f"edited {result.computed_tokens}/{result.num_tokens} tokens in {edit_s:.2f} s -> {args.out}")
     return 0
 
+def _profile(args: argparse.Namespace) -> int:
+    from .profiling import profile
+
+    model = profile(
+        args.model, args.out, size=args.size, steps=args.steps, max_sequence_length=args.max_sequence_length,
+        device=args.device, cache_dir=args.cache_dir, repeats=args.repeats,
+    )  # fmt: skip
+    compute, load = model.block_compute, model.load
+    print(f"block compute: {compute.intercept_s * 1e3:.3f} ms + {compute.slope_s * 1e6:.3f} us/row-token (R^2 {compute.r2:.3f})")
+    print(f"cache load:    {load.intercept_s * 1e3:.3f} ms + {1 / max(load.slope_s, 1e-15) / 2**30:.2f} GiB/s (R^2 {load.r2:.3f})")
+    print(f"-> {args.out}")
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instgenie", description=__doc__)
@@ -81,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--dtype", default="float32", choices=_DTYPES)
     edit.add_argument("--full", action="store_true", help="full computation, no template cache")
     edit.set_defaults(run=_edit_local)
+
+    prof = commands.add_parser("profile", help="fit this machine's compute and cache-load costs (for the loading planner)")
+    prof.add_argument("--model", required=True, help="diffusers pipeline folder")
+    prof.add_argument("--out", default="costs.json", help="where to write the fitted cost model")
+    prof.add_argument("--size", type=int, default=512, help="image side in pixels")
+    prof.add_argument("--steps", type=int, default=4)
+    prof.add_argument("--max-sequence-length", type=int, default=128)
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--cache-dir", help="folder on the disk the cache tier will use (default: the temp folder)")
+    prof.add_argument("--repeats", type=int, default=2)
+    prof.set_defaults(run=_profile)
 
     # Imported here so this module stays importable on its own; neither imports torch or gRPC up front.
     from instgenie_client.cli import add_client_commands

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from instgenie import EngineLimits
+from instgenie.cache import CacheMode
 from instgenie.scheduler import SchedulerConfig
 
 
@@ -30,7 +31,10 @@ class ModelParameters:
     workers: int = 4  # pre/post-processing threads (they mostly wait on the codec processes)
     codec_workers: int = 1  # processes for prompt encoding and VAE work; 0 = in the model's process
     codec_nice: int = 10  # their CPU priority offset
-    cache_budget_bytes: int = 0  # template K/V kept in memory; 0 = unbounded
+    cache_budget_bytes: int = 0  # template K/V kept in host memory; 0 = unbounded
+    cache_dir: str = ""  # disk tier (every recorded template, survives restarts); empty = host memory only
+    cache_mode: str = "float32"  # float32 | bfloat16, optionally ",unmasked" (see instgenie.cache.CacheMode)
+    prefetch_lookahead: int = 2  # cache steps read from disk ahead of the step computing
     max_pixels: int = EngineLimits.max_pixels
     max_steps: int = EngineLimits.max_steps
     drain_timeout_s: float = 60.0  # finalize() lets in-flight requests finish this long
@@ -67,6 +71,16 @@ class ModelParameters:
         return EngineLimits(
             max_pixels=self.max_pixels, max_steps=self.max_steps, template_budget_bytes=self.cache_budget_bytes or None
         )
+
+    @property
+    def cache(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~instgenie.cache.ActivationStore`."""
+        return {
+            "mode": CacheMode.parse(self.cache_mode),
+            "host_budget_bytes": self.cache_budget_bytes or None,
+            "disk_dir": self.cache_dir or None,
+            "lookahead": self.prefetch_lookahead,
+        }
 
     @property
     def scheduler(self) -> SchedulerConfig:

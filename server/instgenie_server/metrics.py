@@ -156,3 +156,66 @@ class GpuMetrics:
         if self._handle is not None:
             self._stop.set()
             self._thread.join()
+
+
+# CacheStats field -> (metric name, description, kind); kind "c" counter, "g" gauge.
+_CACHE_SERIES = {
+    "host_hits": ("instgenie_cache_step_hits_total", "Template cache steps found in host memory when a request needed them", "c"),
+    "disk_loads": ("instgenie_cache_disk_loads_total", "Template cache steps read from the disk tier (host misses)", "c"),
+    "disk_bytes": ("instgenie_cache_loaded_bytes_total", "Bytes of template cache read from disk", "c"),
+    "disk_seconds": ("instgenie_cache_disk_load_seconds_total", "Time spent reading template cache steps from disk", "c"),
+    "stalls": ("instgenie_cache_load_stalls_total", "Steps whose compute waited for their cache to load", "c"),
+    "stall_seconds": ("instgenie_cache_load_stall_seconds_total", "Time compute waited for cache loads", "c"),
+    "prefetched": ("instgenie_cache_prefetched_steps_total", "Cache steps loaded from disk before their compute needed them", "c"),
+    "prefetch_lead_seconds": (
+        "instgenie_cache_prefetch_lead_seconds_total", "Summed time prefetched steps were ready before their use", "c"
+    ),
+    "evictions": ("instgenie_cache_evictions_total", "Cache steps evicted from host memory", "c"),
+    "evicted_bytes": ("instgenie_cache_evicted_bytes_total", "Bytes evicted from host memory", "c"),
+    "corrupt": ("instgenie_cache_corrupt_total", "Template caches found corrupt on disk (discarded, recorded again)", "c"),
+    "written_bytes": ("instgenie_cache_written_bytes_total", "Bytes of template cache written to disk", "c"),
+    "host_bytes": ("instgenie_cache_host_bytes", "Template cache bytes held in host memory", "g"),
+}
+
+
+class CacheMetrics:
+    """The activation store's :class:`~instgenie.cache.CacheStats`, polled on a thread.
+
+    Loads happen on prefetch threads and between steps, so the store keeps plain
+    counters and this mirrors their increments into Triton metrics.
+    """
+
+    def __init__(self, pb_utils: Any, labels: dict[str, str], store: Any, interval_s: float = 1.0) -> None:
+        kinds = pb_utils.MetricFamily
+        self._store = store
+        self._families = []
+        self._series = {}
+        for field, (name, text, kind) in _CACHE_SERIES.items():
+            family = pb_utils.MetricFamily(name=name, description=text, kind=kinds.COUNTER if kind == "c" else kinds.GAUGE)
+            self._families.append(family)
+            self._series[field] = (family.Metric(labels=labels), kind)
+        self._last = store.stats().as_dict()
+        self._stop = threading.Event()
+        self._interval_s = interval_s
+        self._thread = threading.Thread(target=self._poll, name="instgenie-cache-metrics", daemon=True)
+        self._thread.start()
+
+    def sync(self) -> None:
+        now = self._store.stats().as_dict()
+        for field, (metric, kind) in self._series.items():
+            if kind == "g":
+                metric.set(float(now[field]))
+            elif now[field] > self._last[field]:
+                metric.increment(float(now[field] - self._last[field]))
+        self._last = now
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.sync()
+            except Exception:
+                log.warning("cache metrics update failed", exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -30,10 +30,8 @@ def response(pb_utils: Any, outputs: dict[str, np.ndarray]) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
 
 
-# The step loop and the worker threads answer different requests at the same time. A
-# tritonserver 2.51 crash (SIGSEGV in libtriton_python.so) was seen once in CI right after a
-# cancellation under such concurrency; every call into the stub's sender is serialized here
-# as a precaution (each is a short IPC message).
+# The step loop and the worker threads answer different requests at the same time;
+# every call into the stub's sender is serialized here (each is a short IPC message).
 _SENDER_LOCK = threading.Lock()
 
 
@@ -47,10 +45,15 @@ class TritonJobSink:
         self.request_id = request_id
         self._progress = progress
         self._base64_output = base64_output
+        # After the final response Triton releases the request: asking the sender about
+        # it then reads freed memory in the server (tritonserver 2.51 died with SIGSEGV
+        # in libtriton_python.so when a loop thread polled a request that a worker had
+        # just failed). So nothing touches the sender once the final response is out.
+        self._closed = False
 
     def cancelled(self) -> bool:
         with _SENDER_LOCK:
-            return bool(self._sender.is_cancelled())
+            return not self._closed and bool(self._sender.is_cancelled())
 
     def progress(self, step: int, total_steps: int) -> None:
         if self._progress:
@@ -72,4 +75,8 @@ class TritonJobSink:
 
     def _send(self, message: Any, flags: int = 0) -> None:
         with _SENDER_LOCK:
+            if self._closed:
+                log.warning("request %s: response after the final one dropped", self.request_id)
+                return
+            self._closed = bool(flags & self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             self._sender.send(message, flags=flags)

@@ -73,7 +73,7 @@ class ActivationStore:
         device: str | torch.device = "cpu",
     ) -> None:
         self.mode = mode
-        self.lookahead = max(1, lookahead)
+        self.lookahead = max(0, lookahead)  # 0: no prefetch, each step loads when needed (naive)
         self.device = torch.device(device)
         self._pin = self.device.type == "cuda"  # page-locked host memory for async H2D copies
         self.disk = None if disk_dir is None else DiskTier(disk_dir, mode.name, model_fingerprint)

@@ -11,7 +11,7 @@ from instgenie.errors import InstGenIEError
 from instgenie.step_loop import StepLoop
 from instgenie.scheduler import FcfsScheduler
 from instgenie_server.config import ModelParameters
-from instgenie_server.metrics import GpuMetrics, TritonLoopMetrics
+from instgenie_server.metrics import CacheMetrics, GpuMetrics, TritonLoopMetrics
 from instgenie_server.responses import TritonJobSink
 from instgenie_server.tensors import parse_request, template_list_outputs
 
@@ -27,6 +27,7 @@ class TritonPythonModel:
             dtype=self.params.torch_dtype,
             max_sequence_length=self.params.max_sequence_length,
             limits=self.params.limits,
+            cache=self.params.cache,
         )
         if self.params.codec_workers:
             self.engine.use_codec(
@@ -41,6 +42,7 @@ class TritonPythonModel:
             )
         labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
         self.metrics = TritonLoopMetrics(pb_utils, labels)
+        self.cache_metrics = CacheMetrics(pb_utils, labels, self.engine.store)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
         self.loop = StepLoop(
             self.engine,
@@ -70,6 +72,8 @@ class TritonPythonModel:
     def finalize(self):
         self.loop.stop(drain_timeout_s=self.params.drain_timeout_s)
         self.engine.codec.close()
+        self.engine.store.close()
+        self.cache_metrics.close()
         if self.gpu_metrics is not None:
             self.gpu_metrics.close()
 
