@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine bench-serving bench-cadence clean
+.PHONY: install test demo bench-engine bench-serving bench-cadence bench-cache clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-serving: $(STAMP)
 
 bench-cadence: $(STAMP)
 	$(PY) bench/step_cadence.py --json out/step_cadence.json
+
+bench-cache: $(STAMP)
+	$(PY) bench/cache.py --json out/cache.json --repeats 5
 
 clean:
 	rm -rf $(VENV) out models

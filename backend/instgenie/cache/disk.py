@@ -19,7 +19,6 @@ import os
 import shutil
 import struct
 import uuid
-import warnings
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -52,8 +51,8 @@ def step_file(step: int) -> str:
     return f"step-{step:04d}.safetensors"
 
 
-def _parse_safetensors(buffer: memoryview, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (copied out of ``buffer``) and metadata of a safetensors image."""
+def _parse_safetensors(buffer: memoryview, path: Path, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors image; the tensors view ``buffer`` unless ``copy``."""
     try:
         (header_len,) = struct.unpack("<Q", buffer[:8])
         header = json.loads(bytes(buffer[8 : 8 + header_len]))
@@ -68,12 +67,10 @@ def _parse_safetensors(buffer: memoryview, path: Path) -> tuple[dict[str, torch.
                 raise ValueError("tensor data past the end of the file")
             count = (end - start) // torch.empty((), dtype=dtype).element_size()
             if count:
-                with warnings.catch_warnings():  # read-only map: the view is cloned at once
-                    warnings.simplefilter("ignore", UserWarning)
-                    flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + start)
+                flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + start)
             else:
                 flat = torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(shape).clone()
+            tensors[name] = flat.reshape(shape).clone() if copy else flat.reshape(shape)
         return tensors, metadata
     except (ValueError, KeyError, TypeError, struct.error, RuntimeError) as exc:
         raise CacheCorrupt(f"cache file {path} is malformed: {exc}") from exc
@@ -173,12 +170,14 @@ class DiskTier:
         return manifest
 
     def read_meta(self, template_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        return self._read(template_id, META)
+        return self._read(template_id, META, copy=True)
 
     def read_step(self, template_id: str, step: int) -> dict[str, torch.Tensor]:
-        return self._read(template_id, step_file(step))[0]
+        """The step's tensors, mapped from the file (no copy: the checksum pass has just
+        faulted every page in, so the compute reads them without touching the disk)."""
+        return self._read(template_id, step_file(step), copy=False)[0]
 
-    def _read(self, template_id: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    def _read(self, template_id: str, name: str, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         expected = self.manifest(template_id)["files"].get(name)
         path = self.folder / template_id / name
         if expected is None:
@@ -190,18 +189,26 @@ class DiskTier:
                     raise CacheCorrupt(f"cache file {path} has {size} bytes, expected {expected['bytes']} (truncated?)")
                 if size == 0:
                     raise CacheCorrupt(f"cache file {path} is empty")
-                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    view = memoryview(mapped)
-                    try:
-                        if zlib.crc32(view) != expected["crc32"]:
-                            raise CacheCorrupt(f"cache file {path} fails its checksum")
-                        return _parse_safetensors(view, path)
-                    finally:
-                        view.release()
+                # Copy-on-write: tensors viewing the map may be written to without touching the file.
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         except FileNotFoundError:
             raise CacheCorrupt(f"cache file {path} is missing") from None
         except OSError as exc:
             raise CacheCorrupt(f"cache file {path} cannot be read: {exc}") from exc
+        view = memoryview(mapped)
+        try:
+            if zlib.crc32(view) != expected["crc32"]:
+                raise CacheCorrupt(f"cache file {path} fails its checksum")
+            tensors, metadata = _parse_safetensors(view, path, copy)
+        except CacheCorrupt:
+            view.release()
+            mapped.close()
+            raise
+        if copy:
+            view.release()
+            mapped.close()
+        # Otherwise the tensors hold the view, which holds the map, until they are dropped.
+        return tensors, metadata
 
     def delete(self, template_id: str) -> None:
         target = self.folder / template_id
