@@ -17,7 +17,14 @@ from .tensors import outcome_outputs, progress_outputs
 log = logging.getLogger(__name__)
 
 # error reason -> name of the pb_utils.TritonError code
-_CODES = {"queue_full": "UNAVAILABLE", "shutting_down": "UNAVAILABLE", "cancelled": "CANCELLED", "internal": "INTERNAL"}
+_CODES = {
+    "queue_full": "UNAVAILABLE",
+    "shutting_down": "UNAVAILABLE",
+    "cache_corrupt": "UNAVAILABLE",  # being recorded again: retry shortly
+    "cache_write_failed": "INTERNAL",
+    "cancelled": "CANCELLED",
+    "internal": "INTERNAL",
+}
 
 
 def triton_error(pb_utils: Any, request_id: str, error: InstGenIEError) -> Any:
