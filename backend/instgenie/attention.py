@@ -172,8 +172,9 @@ class TokenBatch:
                     full_key[b].copy_(cached_key)
                     full_value[b].copy_(cached_value)
                 else:
-                    full_key[b].index_copy_(row_dim, stored, cached_key.to(key.dtype))
-                    full_value[b].index_copy_(row_dim, stored, cached_value.to(value.dtype))
+                    stored = stored.to(key.device)
+                    full_key[b].index_copy_(row_dim, stored, cached_key.to(key.device, key.dtype))
+                    full_value[b].index_copy_(row_dim, stored, cached_value.to(value.device, value.dtype))
                 full_key[b].index_copy_(row_dim, row.token_index, computed_key)
                 full_value[b].index_copy_(row_dim, row.token_index, computed_value)
         if self.records:

@@ -64,13 +64,9 @@ class StepKV:
             kv[(int(row), int(site))] = (tensor, named[f"v.{row}.{site}"])
         return cls(kv, token_index)
 
-    def to(self, device: torch.device, pin: bool = False) -> "StepKV":
-        def move(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(device, non_blocking=True)
-            return t.pin_memory() if pin else t
-
-        index = None if self.token_index is None else self.token_index.to(device)
-        return StepKV({key: (move(k), move(v)) for key, (k, v) in self.kv.items()}, index)
+    def pinned(self) -> "StepKV":
+        """A copy in page-locked host memory, from which host->device copies run asynchronously."""
+        return StepKV({key: (k.pin_memory(), v.pin_memory()) for key, (k, v) in self.kv.items()}, self.token_index)
 
 
 class RowKV:

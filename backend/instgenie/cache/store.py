@@ -125,23 +125,20 @@ class ActivationStore:
         with self._lock:
             self._templates[template_id] = (steps, stored)
         for step, entry in enumerate(entries):
-            self.host.put((template_id, step), entry.to(self.device, self._pin) if self._pin else entry)
+            self.host.put((template_id, step), entry.pinned() if self._pin else entry)
         return total
 
     def has(self, template_id: str) -> bool:
-        with self._lock:
-            known = template_id in self._templates
-        if known and (self.disk is not None or self.host.contains((template_id, 0))):
-            return True
-        return self.disk is not None and self.disk.has(template_id)
+        if self.disk is not None:
+            return self.disk.has(template_id)
+        return self.host.contains((template_id, 0))  # host only: evicted whole or not at all
 
     def template_ids(self) -> list[str]:
-        with self._lock:
-            known = set(self._templates)
-        ids = {t for t in known if self.disk is not None or self.host.contains((t, 0))}
         if self.disk is not None:
-            ids |= set(self.disk.template_ids())
-        return sorted(ids)
+            return self.disk.template_ids()
+        with self._lock:
+            known = list(self._templates)
+        return sorted(t for t in known if self.host.contains((t, 0)))
 
     def meta(self, template_id: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The ``meta``/``info`` a template was put with, from disk (e.g. after a restart)."""
@@ -219,7 +216,7 @@ class ActivationStore:
                     self.discard(template_id)
                 raise
             if self._pin:
-                entry = entry.to(self.device, pin=True)
+                entry = entry.pinned()
             with self._lock:
                 self._stats.disk_loads += 1
                 self._stats.disk_bytes += entry.nbytes
