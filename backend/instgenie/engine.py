@@ -252,7 +252,7 @@ class Engine:
         with self._templates_lock:
             record = self._templates.get(template_id)
         if record is not None and self.store.has(template_id):
-            self.store.host.touch_template(template_id)
+            self.store.touch(template_id)
             return record
         if record is not None:  # its K/V were evicted (host-only store)
             with self._templates_lock:

@@ -73,11 +73,12 @@ class HostTier:
         self.put(key, entry, pin=True)
         return entry
 
-    def touch_template(self, template_id: str) -> None:
-        """Mark every entry of ``template_id`` most recently used."""
+    def touch_template(self, template_id: str, steps: int) -> None:
+        """Mark the entries of ``template_id``'s ``steps`` steps most recently used."""
         with self._lock:
-            for key in [k for k in self._entries if k[0] == template_id]:
-                self._entries.move_to_end(key)
+            for step in range(steps):
+                if (template_id, step) in self._entries:
+                    self._entries.move_to_end((template_id, step))
 
     def unpin(self, key: StepKey) -> None:
         with self._lock:

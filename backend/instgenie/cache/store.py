@@ -164,6 +164,12 @@ class ActivationStore:
         if self.disk is not None:
             self.disk.delete(template_id)
 
+    def touch(self, template_id: str) -> None:
+        """A request is about to use the template: keep it in host memory longest."""
+        with self._lock:
+            steps = self._templates.get(template_id, (0, None))[0]
+        self.host.touch_template(template_id, steps)
+
     def nbytes(self, template_id: str) -> int:
         if self.disk is not None and self.disk.has(template_id):
             return self.disk.nbytes(template_id)
