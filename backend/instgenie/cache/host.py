@@ -89,10 +89,6 @@ class HostTier:
                 self._pins.pop(key, None)
             self._evict_locked()
 
-    def pinned(self, key: StepKey) -> bool:
-        with self._lock:
-            return key in self._pins
-
     def contains(self, key: StepKey) -> bool:
         with self._lock:
             return key in self._entries
