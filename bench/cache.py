@@ -9,6 +9,9 @@ For mask ratios 0.1/0.25/0.5, one process measures the latency of a masked edit
 - **resident**: the cache is already in host memory (the ideal);
 - **full**: no cache, every token computed.
 
+Pipelined runs twice: over a K/V cache and over an attention-input cache (half the
+bytes, K/V projected again); rows carry ``cache_mode``.
+
 Disk-tier runs use a one-byte host budget (nothing stays in memory) and drop the
 page cache of the template's files before each edit (``posix_fadvise``), so every
 step comes from the device. On a CPU the host tier *is* the compute's memory: there
@@ -73,13 +76,14 @@ def mode_sizes(base: Engine, folder: Path, steps: int, resolution: int) -> list[
     """K/V bytes per template for each storage mode (the template declares a 25% edit region)."""
     rows = []
     region = mask(resolution, 0.25, offset=7)
-    for dtype in ("float32", "bfloat16"):
-        for tokens in ("all", "unmasked"):
-            mode = CacheMode(dtype, tokens)  # type: ignore[arg-type]
-            engine = engine_with(base, ActivationStore(base.model_fingerprint, mode=mode, disk_dir=folder / mode.name))
-            record = engine.register_template(template(resolution), "a room", seed=1, steps=steps, mask=region)
-            rows.append({"mode": mode.name, "cache_bytes": record.cache_bytes, "lossless": mode.lossless})
-            engine.store.close()
+    for content in ("kv", "input"):
+        for dtype in ("float32", "bfloat16"):
+            for tokens in ("all", "unmasked"):
+                mode = CacheMode(dtype, tokens, content)  # type: ignore[arg-type]
+                engine = engine_with(base, ActivationStore(base.model_fingerprint, mode=mode, disk_dir=folder / mode.name))
+                record = engine.register_template(template(resolution), "a room", seed=1, steps=steps, mask=region)
+                rows.append({"mode": mode.name, "cache_bytes": record.cache_bytes, "lossless": mode.lossless})
+                engine.store.close()
     return rows
 
 
@@ -99,38 +103,51 @@ def run(args: argparse.Namespace) -> dict:
     pipelined = engine_with(
         base, ActivationStore(base.model_fingerprint, disk_dir=disk_dir, host_budget_bytes=1, lookahead=args.lookahead)
     )
+    # Attention inputs instead of K/V: half the bytes to read, K/V projected again.
+    inputs = CacheMode(content="input")
+    pipelined_inputs = engine_with(
+        base,
+        ActivationStore(base.model_fingerprint, mode=inputs, disk_dir=disk_dir, host_budget_bytes=1, lookahead=args.lookahead),
+    )
     resident = engine_with(base, ActivationStore(base.model_fingerprint))
     record = resident.register_template(template(args.resolution), "a room", seed=1, steps=args.steps)
     pipelined.add_template(record, record.activations)  # writes the disk tier both disk engines read
     template_id = record.template_id
     naive.template(template_id)  # loads the record's metadata from disk
+    pipelined_inputs.register_template(template(args.resolution), "a room", seed=1, steps=args.steps)
     files = sorted((pipelined.store.disk.folder / template_id).glob("step-*.safetensors"))  # type: ignore[union-attr]
+    input_files = sorted((pipelined_inputs.store.disk.folder / template_id).glob("step-*.safetensors"))  # type: ignore[union-attr]
     step_bytes = files[0].stat().st_size
-    systems = [("disk", "naive", naive, False, files), ("disk", "pipelined", pipelined, False, files),
-               ("host", "resident", resident, False, []), ("host", "full", resident, True, [])]  # fmt: skip
+    kv = CacheMode().name
+    systems = [("disk", "naive", kv, naive, False, files), ("disk", "pipelined", kv, pipelined, False, files),
+               ("disk", "pipelined", inputs.name, pipelined_inputs, False, input_files),
+               ("host", "resident", kv, resident, False, []), ("host", "full", kv, resident, True, [])]  # fmt: skip
     rows = []
     for ratio in RATIOS:
         mask_png = mask(args.resolution, ratio, offset=3)
-        for system in systems:  # warm-up
-            timed_edit(system[2], mask_png, template_id, system[3], system[4])
-        samples: dict[str, list[tuple[float, dict]]] = {name: [] for _, name, *_ in systems}
+        for _, _, _, engine, full, cold in systems:  # warm-up
+            timed_edit(engine, mask_png, template_id, full, cold)
+        samples: dict[tuple[str, str], list[tuple[float, dict]]] = {(name, stored): [] for _, name, stored, *_ in systems}
         for _ in range(args.repeats):  # interleaved: drift hits every system alike
-            for tier, name, engine, full, cold in systems:
-                samples[name].append(timed_edit(engine, mask_png, template_id, full, cold))
-        for tier, name, *_ in systems:
-            latencies = [latency for latency, _ in samples[name]]
-            extra = samples[name][0][1]
-            row = {"tier": tier, "mode": name, "mask_ratio": ratio, "latency_s": statistics.median(latencies),
-                   "latencies_s": latencies, "stall_s": statistics.median(s["stall_s"] for _, s in samples[name]),
+            for tier, name, stored, engine, full, cold in systems:
+                samples[(name, stored)].append(timed_edit(engine, mask_png, template_id, full, cold))
+        for tier, name, stored, *_ in systems:
+            runs = samples[(name, stored)]
+            latencies = [latency for latency, _ in runs]
+            extra = runs[0][1]
+            row = {"tier": tier, "mode": name, "cache_mode": stored, "mask_ratio": ratio,
+                   "latency_s": statistics.median(latencies), "latencies_s": latencies,
+                   "stall_s": statistics.median(s["stall_s"] for _, s in runs),
                    "disk_loads": extra["disk_loads"], "disk_bytes": extra["disk_bytes"],
                    "computed_tokens": extra["computed_tokens"], "num_tokens": extra["num_tokens"]}  # fmt: skip
             rows.append(row)
-            print(f"{tier:4s} {name:9s} ratio {ratio:.2f}: {row['latency_s']:.3f} s (stall {row['stall_s']:.3f} s)", flush=True)
+            print(f"{tier:4s} {name:9s} {stored:17s} ratio {ratio:.2f}: {row['latency_s']:.3f} s "
+                  f"(stall {row['stall_s']:.3f} s)", flush=True)  # fmt: skip
         # The full computation reads no cache, so one run stands for both tiers.
         full_row = next(r for r in rows if r["mode"] == "full" and r["mask_ratio"] == ratio)
         rows.append({**full_row, "tier": "disk"})
     sizes = mode_sizes(base, workdir / "modes", args.steps, args.resolution)
-    for store in (naive.store, pipelined.store, resident.store):
+    for store in (naive.store, pipelined.store, pipelined_inputs.store, resident.store):
         store.close()
     return {
         "config": vars(args) | {"model": str(model), "step_bytes": step_bytes, "steps_per_template": len(files)},
@@ -152,7 +169,9 @@ def _git() -> str:
 
 def markdown(report: dict) -> str:
     cfg, rows = report["config"], report["rows"]
-    by = {(r["tier"], r["mode"], r["mask_ratio"]): r for r in rows}
+    kv, inputs = CacheMode().name, CacheMode(content="input").name
+    by = {(r["tier"], r["mode"], r["mask_ratio"]): r for r in rows if r.get("cache_mode", kv) == kv}
+    by_inputs = {r["mask_ratio"]: r for r in rows if r.get("cache_mode") == inputs}
     lines = [
         "# Cache loading: naive vs pipelined vs resident vs full",
         "",
@@ -167,16 +186,21 @@ def markdown(report: dict) -> str:
         "- **host**: resident = the cache in host memory (ideal); full = no cache. On a CPU there is no host->device copy, so "
         "naive and pipelined from the host tier are the resident run itself and are not listed separately.",
         "",
-        "| mask ratio | full (s) | disk naive (s) | disk pipelined (s) | host resident (s) | naive / resident | pipelined / resident | pipelined stall (s) | full / pipelined |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"- **disk pipelined, inputs**: the same pipeline over a `{inputs}` cache (attention inputs instead of K/V: half "
+        "the bytes read, K/V projected again on the CPU).",
+        "",
+        "| mask ratio | full (s) | disk naive (s) | disk pipelined (s) | host resident (s) | naive / resident | pipelined / resident | pipelined stall (s) | full / pipelined | disk pipelined, inputs / resident |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for ratio in RATIOS:
         full, naive = by[("host", "full", ratio)], by[("disk", "naive", ratio)]
         piped, resident = by[("disk", "pipelined", ratio)], by[("host", "resident", ratio)]
+        piped_inputs = by_inputs.get(ratio)
+        inputs_cell = f"{piped_inputs['latency_s'] / resident['latency_s']:.3f}" if piped_inputs else "-"
         lines.append(
             f"| {ratio:.2f} | {full['latency_s']:.3f} | {naive['latency_s']:.3f} | {piped['latency_s']:.3f} | {resident['latency_s']:.3f} | "
             f"{naive['latency_s'] / resident['latency_s']:.3f} | {piped['latency_s'] / resident['latency_s']:.3f} | {piped['stall_s']:.3f} | "
-            f"{full['latency_s'] / piped['latency_s']:.2f}x |"
+            f"{full['latency_s'] / piped['latency_s']:.2f}x | {inputs_cell} |"
         )
     worst = max(by[("disk", "pipelined", r)]["latency_s"] / by[("host", "resident", r)]["latency_s"] for r in RATIOS)
     lines += [
@@ -194,9 +218,10 @@ def markdown(report: dict) -> str:
         "## Bytes per template by storage mode",
         "",
         f"Same model and resolution, {cfg['steps']} steps; the template declares a 25% edit region (its tokens are always "
-        "recomputed, so `unmasked` modes do not store them).",
+        "recomputed, so `unmasked` modes do not store them). `kv-*` modes store each attention site's K and V, `input-*` "
+        "modes the site's input (the block's normalised hidden states), from which edits project K/V again.",
         "",
-        "| mode | K/V bytes per template | vs float32-all | lossless |",
+        "| mode | bytes per template | vs kv-float32-all | lossless |",
         "|---|---:|---:|---|",
     ]
     reference = report["mode_sizes"][0]["cache_bytes"]

@@ -37,6 +37,19 @@ def engine(engines: dict[str, Engine], family: str) -> Engine:
     return engines[family]
 
 
+def engine_over(base: Engine, **store: object) -> Engine:
+    """A second engine over ``base``'s loaded pipeline with its own cache store."""
+    from instgenie.cache import ActivationStore
+
+    return Engine(
+        base.family.pipe,
+        type(base.family),
+        base.model_fingerprint,
+        max_sequence_length=TEXT_LEN,
+        store=ActivationStore(base.model_fingerprint, **store),  # type: ignore[arg-type]
+    )
+
+
 def template_image(seed: int = 0, size: int = SIZE) -> Image.Image:
     """A smooth random picture (gradients + blobs), so the VAE sees structure."""
     rng = np.random.default_rng(seed)
@@ -93,4 +106,24 @@ def triton_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPath
     repository = render_repository(source, root / "models", {name: parameters for name in models_with_parameter(source, "model_dir")})
     server = TritonServer(repository, log_file=root / "server.log")
     with server:
+        _SERVERS.append(server)
         yield server
+        _SERVERS.remove(server)
+
+
+_SERVERS: list = []  # the session's running servers, for failure reports
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Attach the server's exit status and log tail to a failed test that used it.
+
+    A server that dies mid-suite fails every later test with "connection refused";
+    its log is the only place the cause is written, and CI keeps nothing else.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "triton_server" in item.fixturenames:
+        for server in _SERVERS:
+            state = "running" if server.alive() else f"exited with code {server.exit_code}"
+            report.sections.append(("tritonserver", f"tritonserver {state}\n{server.log_tail(12000)}"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TEXT_LEN, png, rect_mask, template_image
+from conftest import TEXT_LEN, engine_over, png, rect_mask, template_image
 from instgenie import Engine
 from instgenie.cache import ActivationStore, CacheMode
 from instgenie.cache.disk import DiskTier, step_file
@@ -28,17 +28,6 @@ STEPS = 3
 BF16_TOLERANCE = 0.05  # max |latent difference| of an edit equal to its template, bf16 K/V (tiny models)
 
 
-def engine_over(base: Engine, **store: object) -> Engine:
-    """A second engine over ``base``'s loaded pipeline with its own cache store."""
-    return Engine(
-        base.family.pipe,
-        type(base.family),
-        base.model_fingerprint,
-        max_sequence_length=TEXT_LEN,
-        store=ActivationStore(base.model_fingerprint, **store),  # type: ignore[arg-type]
-    )
-
-
 def exactness(engine: Engine, seed: int = 1, ratio: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, str]:
     mask = png(rect_mask(ratio, seed=seed))
     record = engine.register_template(png(template_image(seed)), "a red hat", seed=7, steps=STEPS, mask=mask)
@@ -49,35 +38,52 @@ def exactness(engine: Engine, seed: int = 1, ratio: float = 0.3) -> tuple[torch.
 
 
 # -- storage modes: exactness for every family ----------------------------------------
+def test_cache_mode_parses_its_config_text() -> None:
+    assert CacheMode.parse("float32") == CacheMode()
+    assert CacheMode.parse("unmasked, input,bfloat16").name == "input-bfloat16-unmasked"
+    assert CacheMode.parse("input").stores_inputs and not CacheMode().stores_inputs
+    for bad in ("float16", "input,outputs"):
+        with pytest.raises(ValueError):
+            CacheMode.parse(bad)
+
+
+@pytest.mark.parametrize("content", ["kv", "input"])
 @pytest.mark.parametrize("tokens", ["all", "unmasked"])
-def test_lossless_modes_from_disk_are_bit_exact(engine: Engine, tokens: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("seed,ratio", [(1, 0.3), (2, 0.6)])  # 0.6: 15 cached tokens, fewer than a padded GEMM
+def test_lossless_modes_from_disk_are_bit_exact(
+    engine: Engine, tokens: str, content: str, seed: int, ratio: float, tmp_path: Path
+) -> None:
     # A host budget of one byte: every step streams from disk through the prefetcher.
-    cached = engine_over(engine, mode=CacheMode("float32", tokens), disk_dir=tmp_path, host_budget_bytes=1)
-    masked, full, _ = exactness(cached)
+    mode = CacheMode("float32", tokens, content)  # type: ignore[arg-type]
+    cached = engine_over(engine, mode=mode, disk_dir=tmp_path, host_budget_bytes=1)
+    masked, full, _ = exactness(cached, seed=seed, ratio=ratio)
     assert torch.equal(masked, full)
     stats = cached.store.stats()
     assert stats.disk_loads >= STEPS and stats.writes == 1
 
 
-def test_unmasked_mode_stores_fewer_bytes(engines: dict, tmp_path: Path) -> None:
+def test_smaller_modes_store_fewer_bytes(engines: dict, tmp_path: Path) -> None:
     base = engines["flux-fill"]
     sizes = {}
-    for tokens in ("all", "unmasked"):
-        cached = engine_over(base, mode=CacheMode("float32", tokens), disk_dir=tmp_path / tokens)
+    for mode in ("float32", "unmasked", "input", "input,unmasked"):
+        cached = engine_over(base, mode=CacheMode.parse(mode), disk_dir=tmp_path / mode)
         mask = png(rect_mask(0.25, seed=3))
         record = cached.register_template(png(template_image(3)), "a cup", seed=2, steps=STEPS, mask=mask)
-        sizes[tokens] = record.cache_bytes
-    assert sizes["unmasked"] < 0.85 * sizes["all"]
+        sizes[mode] = record.cache_bytes
+    assert sizes["unmasked"] < 0.85 * sizes["float32"]
+    assert sizes["input"] * 2 == sizes["float32"]  # one input [N, C] instead of K and V
+    assert sizes["input,unmasked"] * 2 == sizes["unmasked"]
 
 
-def test_bf16_mode_halves_bytes_within_tolerance(engine: Engine, tmp_path: Path) -> None:
-    exact = engine_over(engine, disk_dir=tmp_path / "f32")
-    half = engine_over(engine, mode=CacheMode("bfloat16"), disk_dir=tmp_path / "bf16")
+@pytest.mark.parametrize("content", ["kv", "input"])
+def test_bf16_mode_halves_bytes_within_tolerance(engine: Engine, content: str, tmp_path: Path) -> None:
+    exact = engine_over(engine, mode=CacheMode("float32", content=content), disk_dir=tmp_path / "f32")  # type: ignore[arg-type]
+    half = engine_over(engine, mode=CacheMode("bfloat16", content=content), disk_dir=tmp_path / "bf16")  # type: ignore[arg-type]
     _, _, template_id = exactness(exact)
     masked, full, half_id = exactness(half)
     assert half_id == template_id
     difference = (masked - full).abs().max().item()
-    print(f"{type(engine.family).__name__}: bf16 cache, max |masked - full| = {difference:.3g}")
+    print(f"{type(engine.family).__name__}: bf16 {content} cache, max |masked - full| = {difference:.3g}")
     assert difference <= BF16_TOLERANCE
     assert half.template(half_id).cache_bytes == exact.template(template_id).cache_bytes // 2
 

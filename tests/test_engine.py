@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SIZE, TEXT_LEN, png, rect_mask, template_image
+from conftest import SIZE, TEXT_LEN, engine_over, png, rect_mask, template_image
 from instgenie import Engine
+from instgenie.cache import CacheMode
 from instgenie.families import SD3InpaintFamily
 
 STEPS = 3
@@ -54,7 +55,9 @@ def test_full_computation_matches_the_stock_diffusers_pipeline(engine: Engine) -
     assert difference <= 1e-5
 
 
-def test_states_at_different_steps_batch_like_they_run_alone(engine: Engine) -> None:
+@pytest.mark.parametrize("cache", ["kv", "input"])
+def test_states_at_different_steps_batch_like_they_run_alone(engine: Engine, cache: str) -> None:
+    engine = engine_over(engine, mode=CacheMode(content=cache))  # type: ignore[arg-type]
     first = engine.register_template(png(template_image(3)), "a cat", seed=1, steps=STEPS)
     second = engine.register_template(png(template_image(4)), "a dog", seed=1, steps=STEPS)
 

@@ -2,8 +2,11 @@
 
 A template run records, for every denoising step, every transformer row (2 under
 classifier-free guidance) and every attention site, the post-norm (post-RoPE for
-Flux) K and V of all image tokens. This module is the in-memory recording; the
-:mod:`instgenie.cache` store keeps it (host memory, disk) and serves it to edits.
+Flux) K and V of all image tokens, and, when asked, the attention input of those
+tokens (the block's normalised hidden states, from which K and V are projected; the
+"input" cache mode stores these instead of K/V). This module is the in-memory
+recording; the :mod:`instgenie.cache` store keeps it (host memory, disk) and serves
+it to edits.
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ KVKey = tuple[int, int, int]  # (step, row, site)
 
 
 class TemplateActivations:
-    """Image-token K/V of one template run, keyed by ``(step, row, site)``."""
+    """Image-token K/V (and attention inputs) of one template run, keyed by ``(step, row, site)``.
 
-    def __init__(self) -> None:
+    Args:
+        inputs: also record each site's attention input ``[N, C]`` per row.
+    """
+
+    def __init__(self, inputs: bool = False) -> None:
         self._kv: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inputs: dict[KVKey, torch.Tensor] | None = {} if inputs else None
         self.token_dims: dict[int, int] = {}  # site -> the token axis of its per-row K/V
 
     def put(self, step: int, row: int, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
@@ -29,6 +37,22 @@ class TemplateActivations:
             return self._kv[(step, row, site)]
         except KeyError:
             raise KeyError(f"no activations recorded for step {step}, row {row}, site {site}") from None
+
+    @property
+    def records_inputs(self) -> bool:
+        return self._inputs is not None
+
+    def put_input(self, step: int, row: int, site: int, hidden: torch.Tensor) -> None:
+        if self._inputs is not None:
+            self._inputs[(step, row, site)] = hidden.detach().clone()
+
+    def get_input(self, step: int, row: int, site: int) -> torch.Tensor:
+        if self._inputs is None:
+            raise KeyError("this recording holds no attention inputs (record with inputs=True)")
+        try:
+            return self._inputs[(step, row, site)]
+        except KeyError:
+            raise KeyError(f"no attention input recorded for step {step}, row {row}, site {site}") from None
 
     def keys(self) -> list[KVKey]:
         return sorted(self._kv)
@@ -50,6 +74,7 @@ class StepActivations:
     """One row's K/V at one step: reads (edits) or writes (template recording)."""
 
     token_index = None  # a recording holds every token
+    stores_inputs = False  # it serves K/V
 
     def __init__(self, store: TemplateActivations, step: int, row: int) -> None:
         self.store, self.step, self.row = store, step, row
@@ -59,3 +84,6 @@ class StepActivations:
 
     def record(self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
         self.store.put(self.step, self.row, site, key, value, token_dim)
+
+    def record_input(self, site: int, hidden: torch.Tensor) -> None:
+        self.store.put_input(self.step, self.row, site, hidden)

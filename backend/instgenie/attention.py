@@ -15,6 +15,11 @@ point (``set_attn_processor``); per-call information reaches them through
 processor that declares the argument. Without a ``token_batch`` they behave exactly
 like the stock processors.
 
+A cache may instead hold each site's attention *input* (the block's normalised hidden
+states) of the unmasked tokens, half the bytes of K+V; the processors then project
+those tokens' K/V again (``to_k``/``to_v``, the q/k norm, RoPE at their positions)
+through the :data:`Projector` they hand to :meth:`TokenBatch.image_kv`.
+
 Shapes: ``B`` rows (a request contributes one row, two with classifier-free
 guidance), ``N`` image tokens of the template grid, ``L`` padded computed tokens per
 row, ``T`` text tokens, ``H`` heads, ``D`` head dim.
@@ -23,7 +28,7 @@ row, ``T`` text tokens, ``H`` heads, ``D`` head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,23 +51,38 @@ def _small_query_tail(queries: int) -> bool:
     return 0 < queries % block <= _MAX_SMALL_QUERY_TAIL
 
 
-class KVSource(Protocol):
-    """Recorded image-token K/V of one row at its current step."""
+#: ``(hidden [n, C], raster positions [n]) -> (K, V)`` of those image tokens at one
+#: site, in the site's per-row layout: what the site's processor computes from its input.
+Projector = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
-    #: Raster indices of the tokens ``kv`` returns, or ``None`` for all ``N`` in order.
+
+class KVSource(Protocol):
+    """Recorded image-token K/V (or attention inputs) of one row at its current step."""
+
+    #: Raster indices of the tokens stored, or ``None`` for all ``N`` in order.
     #: Tokens left out must be ones the row computes (a template's own edit region).
     token_index: torch.Tensor | None
+    #: Whether the source holds attention inputs (``attention_input``) instead of K/V.
+    stores_inputs: bool
 
     def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of attention site ``site`` in the site's layout (any float dtype)."""
         ...
 
+    def attention_input(self, site: int) -> torch.Tensor:
+        """The stored tokens' input ``[n, C]`` to attention site ``site`` (any float dtype)."""
+        ...
+
 
 class KVSink(Protocol):
-    """Receives the K/V of every image token of one row (template recording)."""
+    """Receives the K/V (and attention input) of every image token of one row (template recording)."""
 
     def record(self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
         """Store copies: the tensors passed in are reused by the computation."""
+        ...
+
+    def record_input(self, site: int, hidden: torch.Tensor) -> None:
+        """Store a copy of the image tokens' attention input ``[N, C]`` (if this sink keeps inputs)."""
         ...
 
 
@@ -117,8 +137,13 @@ class TokenBatch:
         self.is_dense = all(row.cached is None for row in self.rows)
         self.records = any(row.recorder is not None for row in self.rows)
         # Per-row rotary tables ``(cos, sin)`` of shape ``[B, T + L, D]``, or one
-        # ``[T + L, D]`` pair shared by all rows; set by families that use RoPE.
+        # ``[T + L, D]`` pair shared by all rows; set by families that use RoPE, with
+        # the ``[T + N, D]`` table of every position for K/V projected from inputs.
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.full_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Per row, which stored inputs to project (the ones the row does not compute):
+        # the same at every site of this call, so found once.
+        self._projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def batch_size(self) -> int:
@@ -141,13 +166,62 @@ class TokenBatch:
             [apply_rotary_emb(x[b : b + 1], (cos[b], sin[b]), sequence_dim=1) for b in range(x.shape[0])]
         )
 
+    def rotate_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply the rotary embedding of image tokens ``positions`` to ``x`` ``[n, H, D]``."""
+        assert self.full_rotary is not None, "this family sets no rotary tables"
+        cos, sin = self.full_rotary
+        index = positions.to(cos.device) + self.text_len
+        return apply_rotary_emb(x.unsqueeze(0), (cos[index], sin[index]), sequence_dim=1).squeeze(0)
+
+    def _projected_tokens(self, b: int, row: TokenRow) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(which stored entries, their raster positions)`` row ``b`` must project."""
+        if b not in self._projected:
+            assert row.cached is not None
+            stored = row.cached.token_index
+            device = row.token_index.device
+            positions = torch.arange(self.num_tokens, device=device) if stored is None else stored.to(device)
+            entries = (~torch.isin(positions, row.token_index)).nonzero().flatten()
+            self._projected[b] = (entries, positions[entries])
+        return self._projected[b]
+
+    def _cached_kv(
+        self, b: int, row: TokenRow, site: int, project: Projector | None, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Row ``b``'s cached K/V at ``site`` and their raster positions (``None``: all ``N``)."""
+        assert row.cached is not None
+        if not row.cached.stores_inputs:
+            key, value = row.cached.kv(site)
+            stored = row.cached.token_index
+            return key.to(like.device, like.dtype), value.to(like.device, like.dtype), stored
+        if project is None:
+            raise TypeError("this attention site cannot project K/V from cached inputs")
+        entries, positions = self._projected_tokens(b, row)
+        hidden = row.cached.attention_input(site).to(like.device)
+        hidden = hidden.index_select(0, entries.to(hidden.device)).to(like.dtype)
+        count = hidden.shape[0]
+        if 0 < count < MIN_PADDED_TOKENS:  # small GEMMs round differently (see above)
+            pad = MIN_PADDED_TOKENS - count
+            hidden = torch.cat([hidden, hidden[-1:].expand(pad, -1)])
+            positions = torch.cat([positions, positions[-1:].expand(pad)])
+        key, value = project(hidden, positions)
+        return key, value, positions
+
     def image_kv(
-        self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int
+        self,
+        site: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        token_dim: int,
+        inputs: torch.Tensor | None = None,
+        project: Projector | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full image-token K/V for attention site ``site``.
 
         Args:
             key, value: computed image-token K/V, ``L`` tokens along ``token_dim``.
+            inputs: the computed image tokens' attention input ``[B, L, C]``
+                (recorded for templates whose cache stores inputs).
+            project: how this site projects K/V from inputs (caches that store inputs).
         Returns:
             K/V with all ``N`` image tokens in raster order along ``token_dim``: the
             row's cache with its computed tokens written over their positions.
@@ -166,21 +240,22 @@ class TokenBatch:
                     full_key[b].copy_(computed_key)
                     full_value[b].copy_(computed_value)
                     continue
-                cached_key, cached_value = row.cached.kv(site)
-                stored = row.cached.token_index
+                cached_key, cached_value, stored = self._cached_kv(b, row, site, project, key)
                 if stored is None:
                     full_key[b].copy_(cached_key)
                     full_value[b].copy_(cached_value)
                 else:
                     stored = stored.to(key.device)
-                    full_key[b].index_copy_(row_dim, stored, cached_key.to(key.device, key.dtype))
-                    full_value[b].index_copy_(row_dim, stored, cached_value.to(value.device, value.dtype))
+                    full_key[b].index_copy_(row_dim, stored, cached_key)
+                    full_value[b].index_copy_(row_dim, stored, cached_value)
                 full_key[b].index_copy_(row_dim, row.token_index, computed_key)
                 full_value[b].index_copy_(row_dim, row.token_index, computed_value)
         if self.records:
             for b, row in enumerate(self.rows):
                 if row.recorder is not None:
                     row.recorder.record(site, full_key[b], full_value[b], token_dim - 1)
+                    if inputs is not None:
+                        row.recorder.record_input(site, inputs[b])
         return full_key, full_value
 
 
@@ -228,7 +303,17 @@ class MaskedFluxAttnProcessor:
         key = token_batch.rotate(key)
         if not token_batch.is_dense or token_batch.records:
             text_len = token_batch.text_len
-            image_key, image_value = token_batch.image_kv(self.site, key[:, text_len:], value[:, text_len:], 1)
+            # Single blocks see ``[text, image]``; double blocks the image tokens alone.
+            image_inputs = hidden_states if encoder_hidden_states is not None else hidden_states[:, text_len:]
+
+            def project(hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cached_key = attn.norm_k(attn.to_k(hidden).unflatten(-1, (-1, attn.head_dim)))
+                cached_value = attn.to_v(hidden).unflatten(-1, (-1, attn.head_dim))
+                return token_batch.rotate_positions(cached_key, positions), cached_value
+
+            image_key, image_value = token_batch.image_kv(
+                self.site, key[:, text_len:], value[:, text_len:], 1, image_inputs, project
+            )
             if not token_batch.is_dense:
                 key = torch.cat([key[:, :text_len], image_key], dim=1)
                 value = torch.cat([value[:, :text_len], image_value], dim=1)
@@ -279,7 +364,15 @@ class MaskedJointAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        key, value = token_batch.image_kv(self.site, key, value, 2)
+
+        def project(hidden: torch.Tensor, _positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cached_key = attn.to_k(hidden).view(-1, attn.heads, head_dim).transpose(0, 1)
+            cached_value = attn.to_v(hidden).view(-1, attn.heads, head_dim).transpose(0, 1)
+            if attn.norm_k is not None:
+                cached_key = attn.norm_k(cached_key)
+            return cached_key, cached_value
+
+        key, value = token_batch.image_kv(self.site, key, value, 2, hidden_states, project)
 
         if encoder_hidden_states is not None:
             context_query = attn.add_q_proj(encoder_hidden_states)

@@ -372,7 +372,7 @@ class Engine:
             # Opened at preparation, before admission: the first steps load meanwhile.
             state.kv = self.store.open(state.template.template_id)
         if kind is RequestKind.RECORD:
-            state.recording = TemplateActivations()
+            state.recording = TemplateActivations(inputs=self.store.mode.stores_inputs)
             state.full_inputs = full_inputs
         return state
 

@@ -33,7 +33,7 @@ class ModelParameters:
     codec_nice: int = 10  # their CPU priority offset
     cache_budget_bytes: int = 0  # template K/V kept in host memory; 0 = unbounded
     cache_dir: str = ""  # disk tier (every recorded template, survives restarts); empty = host memory only
-    cache_mode: str = "float32"  # float32 | bfloat16, optionally ",unmasked" (see instgenie.cache.CacheMode)
+    cache_mode: str = "float32"  # float32 | bfloat16, optionally ",unmasked" and ",input" (see instgenie.cache.CacheMode)
     prefetch_lookahead: int = 2  # cache steps read from disk ahead of the step computing
     max_pixels: int = EngineLimits.max_pixels
     max_steps: int = EngineLimits.max_steps

@@ -412,6 +412,11 @@ class TritonServer:
         """Whether the ``tritonserver`` process is running."""
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def exit_code(self) -> int | None:
+        """The process's exit status (negative: killed by that signal); None while it runs or before start."""
+        return None if self._process is None else self._process.poll()
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Poll ``GET /v2/health/ready`` until it answers 200, for up to ``timeout_s`` seconds.
 

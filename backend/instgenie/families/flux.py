@@ -72,6 +72,7 @@ class FluxFamily(Family):
 
     def _set_rotary(self, batch: TokenBatch, grid: tuple[int, int]) -> None:
         cos, sin = self._rotary(batch.text_len, grid)
+        batch.full_rotary = (cos, sin)
         text = torch.arange(batch.text_len, device=cos.device)
         if batch.is_dense:
             batch.rotary = (cos, sin)
