@@ -9,6 +9,7 @@ import torch
 from conftest import SIZE, TEXT_LEN, engine_over, png, rect_mask, template_image
 from instgenie import Engine
 from instgenie.cache import CacheMode
+from instgenie.cache.planner import CostModel, LinearCost
 from instgenie.families import SD3InpaintFamily
 
 STEPS = 3
@@ -27,6 +28,39 @@ def test_edit_equal_to_template_is_bit_exact(engine: Engine, ratio: float) -> No
         assert masked.computed_tokens < masked.num_tokens
     assert torch.equal(masked.latents, full.latents)
     assert np.array_equal(np.asarray(masked.image), np.asarray(full.image))
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5])
+def test_recomputing_the_first_blocks_instead_of_loading_is_bit_exact(engine: Engine, ratio: float) -> None:
+    """The loading planner's other choice: a step's first k blocks compute every token."""
+    mask = png(rect_mask(ratio, seed=1))
+    record = engine.register_template(png(template_image(1)), "a red hat", seed=7, steps=STEPS, mask=mask)
+    assert record.step_latents is not None and record.step_latents.shape[0] == STEPS
+    full = engine.edit(mask, "a red hat", template_id=record.template_id, full_compute=True)
+    blocks = len(engine.family.blocks)
+    for full_blocks in sorted({1, blocks // 2, blocks}):
+        state = engine.prepare_edit(mask, "a red hat", template_id=record.template_id)
+        while not state.done:
+            engine.step([state], full_blocks=full_blocks)
+        assert state.computed_tokens < state.num_tokens
+        assert torch.equal(engine.final_latents(state), full.latents), f"{full_blocks} full blocks"
+        engine.release(state)
+
+
+def test_recomputed_blocks_attend_with_the_edit_prompt_not_the_cache(engine: Engine) -> None:
+    # With another prompt the recomputed blocks' unmasked K/V come from the edit's
+    # own text, not the template's, so the result moves: a computation, not a copy.
+    mask = png(rect_mask(0.3, seed=2))
+    record = engine.register_template(png(template_image(2)), "a red hat", seed=7, steps=STEPS)
+    results = []
+    for full_blocks in (0, len(engine.family.blocks) // 2):
+        state = engine.prepare_edit(mask, "a green scarf", template_id=record.template_id)
+        while not state.done:
+            engine.step([state], full_blocks=full_blocks)
+        results.append(engine.final_latents(state))
+        engine.release(state)
+    assert all(torch.isfinite(r).all() for r in results)
+    assert not torch.equal(results[0], results[1])
 
 
 def test_full_computation_matches_the_stock_diffusers_pipeline(engine: Engine) -> None:
@@ -55,9 +89,13 @@ def test_full_computation_matches_the_stock_diffusers_pipeline(engine: Engine) -
     assert difference <= 1e-5
 
 
-@pytest.mark.parametrize("cache", ["kv", "input"])
+@pytest.mark.parametrize("cache", ["kv", "input", "kv+planner"])
 def test_states_at_different_steps_batch_like_they_run_alone(engine: Engine, cache: str) -> None:
-    engine = engine_over(engine, mode=CacheMode(content=cache))  # type: ignore[arg-type]
+    engine = engine_over(engine, mode=CacheMode(content=cache.split("+")[0]))  # type: ignore[arg-type]
+    if cache.endswith("+planner"):
+        # Loads slower than compute: the planner recomputes leading blocks, a number
+        # that depends on each request's mask (so calls split by plan).
+        engine.costs = CostModel(block_compute=LinearCost(1e-4, 2e-6), load=LinearCost(0.0, 2e-9))
     first = engine.register_template(png(template_image(3)), "a cat", seed=1, steps=STEPS)
     second = engine.register_template(png(template_image(4)), "a dog", seed=1, steps=STEPS)
 
@@ -78,7 +116,10 @@ def test_states_at_different_steps_batch_like_they_run_alone(engine: Engine, cac
     engine.step([together[2], together[3]])
     engine.run(together)
 
-    assert len({s.computed_tokens for s in together}) == 4  # different token counts in one call
+    assert len({s.computed_tokens for s in together}) == 4  # different token counts in one step
+    if cache.endswith("+planner"):
+        planned = [s.full_blocks for s in together[:3]]
+        assert len(set(planned)) > 1 and 0 < max(planned) < len(engine.family.blocks), planned
     # Batched CPU kernels round differently from solo ones (~1e-6 per call); CFG
     # multiplies that difference by its guidance scale (7 for SD3).
     cfg_gain = together[0].settings.guidance if together[0].rows == 2 else 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from instgenie.cache.planner import CostModel, LinearCost, plan_blocks, simulate
+from instgenie.cache.planner import CostModel, LinearCost, plan_blocks, plan_prefix, simulate
 
 
 @pytest.mark.parametrize("seed", range(50))
@@ -63,3 +63,40 @@ def test_linear_fit_and_cost_model_round_trip(tmp_path) -> None:
     assert len(plan.use_cache) == 19
     with pytest.raises(ValueError):
         LinearCost.fit([1, 1], [0.1, 0.2])
+
+
+# -- the executable plan: recomputed blocks first ----------------------------------------
+@pytest.mark.parametrize("seed", range(30))
+def test_prefix_plan_is_the_best_prefix_and_never_slower_than_either_extreme(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    blocks = int(rng.integers(1, 20))
+    full = list(rng.uniform(1.0, 3.0, blocks))
+    masked = [f * rng.uniform(0.1, 0.9) for f in full]
+    load = list(rng.uniform(0.0, 4.0, blocks))
+    plan = plan_prefix(full, masked, load)
+    k = plan.recomputed
+    assert plan.use_cache == (False,) * k + (True,) * (blocks - k)  # a prefix
+    prefixes = [simulate((False,) * j + (True,) * (blocks - j), full, masked, load) for j in range(blocks + 1)]
+    assert plan.predicted_s == pytest.approx(min(prefixes))
+    assert plan.predicted_s <= min(plan.all_load_s, plan.all_recompute_s) + 1e-12
+    assert plan.predicted_s >= plan_blocks(full, masked, load).predicted_s - 1e-12  # the constraint only costs
+
+
+def test_prefix_plan_recomputes_leading_blocks_while_the_copies_run_ahead() -> None:
+    # 12 equal blocks whose loads (8) take longer than their masked compute (3):
+    # all-load waits on the copy stream; recomputing the first blocks (10 each)
+    # lets the copies of the later blocks land meanwhile.
+    plan = plan_prefix([10.0] * 12, [3.0] * 12, [8.0] * 12)
+    assert 0 < plan.recomputed < 12
+    assert plan.predicted_s < plan.all_load_s and plan.predicted_s < plan.all_recompute_s
+    # Free loads: nothing to hide, every block loads.
+    assert plan_prefix([10.0] * 12, [3.0] * 12, [0.0] * 12).recomputed == 0
+
+
+def test_cost_model_plans_prefixes_from_token_and_byte_counts() -> None:
+    costs = CostModel(block_compute=LinearCost(0.0, 1e-3), load=LinearCost(0.0, 1e-6))
+    # 1000 full tokens (1 s per block) vs 100 masked (0.1 s); 0.5 s loads.
+    plan = costs.plan_prefix(8, 1000, 100, 500_000)
+    assert plan.use_cache[plan.recomputed :] == (True,) * (8 - plan.recomputed)
+    assert plan.predicted_s <= min(plan.all_load_s, plan.all_recompute_s)
+    assert costs.plan_prefix(8, 1000, 100, 0).recomputed == 0

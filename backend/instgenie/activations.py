@@ -27,6 +27,9 @@ class TemplateActivations:
         self._kv: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self._inputs: dict[KVKey, torch.Tensor] | None = {} if inputs else None
         self.token_dims: dict[int, int] = {}  # site -> the token axis of its per-row K/V
+        # The transformer's input latents ``[1, N, C]`` at each step: what a step that
+        # recomputes its first blocks over every token feeds the unmasked tokens.
+        self.latents: dict[int, torch.Tensor] = {}
 
     def put(self, step: int, row: int, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
         self._kv[(step, row, site)] = (key.detach().clone(), value.detach().clone())
@@ -37,6 +40,15 @@ class TemplateActivations:
             return self._kv[(step, row, site)]
         except KeyError:
             raise KeyError(f"no activations recorded for step {step}, row {row}, site {site}") from None
+
+    def put_latents(self, step: int, latents: torch.Tensor) -> None:
+        self.latents[step] = latents.detach().clone()
+
+    def step_latents(self) -> torch.Tensor | None:
+        """``[steps, N, C]``: the input latents of every step, or ``None`` if not all were recorded."""
+        if not self.latents or sorted(self.latents) != list(range(self.steps)):
+            return None
+        return torch.cat([self.latents[step] for step in range(self.steps)])
 
     @property
     def records_inputs(self) -> bool:

@@ -108,9 +108,16 @@ class TokenBatch:
     Rows compute different token sets; they are padded to a common length ``L`` by
     repeating each row's last token, so diffusers' batched modules run unchanged.
     Padded positions are never written back: outputs beyond a row's length are junk.
+
+    A call may run its first ``full_blocks`` transformer blocks over every image
+    token, reading no cache there (the loading planner's "recompute" choice), and
+    switch to the computed tokens at block ``full_blocks`` (a pre-hook on that
+    block, :func:`install_block_hooks`). Only a prefix can recompute: a block
+    needs every token's input, which exists only while all blocks before it
+    computed every token.
     """
 
-    def __init__(self, rows: Sequence[TokenRow], num_tokens: int, text_len: int) -> None:
+    def __init__(self, rows: Sequence[TokenRow], num_tokens: int, text_len: int, full_blocks: int = 0) -> None:
         if not rows:
             raise ValueError("a token batch needs at least one row")
         self.rows = list(rows)
@@ -134,13 +141,18 @@ class TokenBatch:
         self.padded_index = index
         # Every row computes every token in raster order and nothing is cached:
         # this is the stock computation, which needs no gathering or K/V exchange.
-        self.is_dense = all(row.cached is None for row in self.rows)
+        self.all_dense = all(row.cached is None for row in self.rows)
+        if full_blocks < 0:
+            raise ValueError("full_blocks must be >= 0")
+        self.full_blocks = 0 if self.all_dense else full_blocks
+        self._in_full_prefix = self.full_blocks > 0
         self.records = any(row.recorder is not None for row in self.rows)
-        # Per-row rotary tables ``(cos, sin)`` of shape ``[B, T + L, D]``, or one
-        # ``[T + L, D]`` pair shared by all rows; set by families that use RoPE, with
-        # the ``[T + N, D]`` table of every position for K/V projected from inputs.
-        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        # RoPE tables set by families that use it: ``full_rotary`` ``(cos, sin)`` of
+        # shape ``[T + N, D]`` covers every position (dense calls and the full-block
+        # prefix, and K/V projected from cached inputs); ``row_rotary`` ``[B, T + L, D]``
+        # each row's computed tokens.
         self.full_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.row_rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         # Per row, which stored inputs to project (the ones the row does not compute):
         # the same at every site of this call, so found once.
         self._projected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -148,6 +160,28 @@ class TokenBatch:
     @property
     def batch_size(self) -> int:
         return len(self.rows)
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the blocks now running see every image token of every row, in order."""
+        return self.all_dense or self._in_full_prefix
+
+    @property
+    def rotary(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.full_rotary if self.is_dense else self.row_rotary
+
+    def enter_masked_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """End of the full-block prefix: ``[B, N, C]`` image states -> each row's computed tokens."""
+        assert self._in_full_prefix, "this call has no full-block prefix to leave"
+        self._in_full_prefix = False
+        return self.gather(hidden)
+
+    def computed_outputs(self, output: torch.Tensor) -> torch.Tensor:
+        """The transformer's image output as ``[B, L, C]`` computed tokens.
+
+        Only a call whose full-block prefix covered every block still has all ``N``.
+        """
+        return self.enter_masked_blocks(output) if self._in_full_prefix else output
 
     def gather(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, N, C]`` -> ``[B, L, C]``: each row's computed tokens, padded."""
@@ -400,6 +434,31 @@ class MaskedJointAttnProcessor:
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+def install_block_hooks(blocks: Sequence[torch.nn.Module]) -> None:
+    """Let a :class:`TokenBatch` with a full-block prefix switch to its computed tokens.
+
+    A pre-hook on block ``i`` (in call order) gathers the image hidden states when
+    the call's prefix ends there. Blocks receive the batch through
+    ``joint_attention_kwargs``, as their attention processors do. Installed once
+    per module; calls without a token batch pass through.
+    """
+    for index, block in enumerate(blocks):
+        if getattr(block, "_instgenie_block_index", None) is not None:
+            continue
+        block._instgenie_block_index = index
+        block.register_forward_pre_hook(_enter_masked_blocks, with_kwargs=True)
+
+
+def _enter_masked_blocks(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    batch = (kwargs.get("joint_attention_kwargs") or {}).get("token_batch")
+    if batch is None or not batch._in_full_prefix or batch.full_blocks != block._instgenie_block_index:
+        return None
+    if "hidden_states" not in kwargs:
+        raise TypeError(f"{type(block).__name__} was called without hidden_states=...; cannot switch tokens")
+    kwargs["hidden_states"] = batch.enter_masked_blocks(kwargs["hidden_states"])
+    return args, kwargs
 
 
 def install_masked_processors(transformer: torch.nn.Module, processor_cls: type) -> int:

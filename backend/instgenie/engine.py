@@ -33,6 +33,7 @@ from . import masking
 from .activations import TemplateActivations
 from .attention import TokenBatch, TokenRow
 from .cache import ActivationStore, TemplateCache
+from .cache.planner import CostModel
 from .codec import Codec, LocalCodec
 from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
@@ -74,6 +75,9 @@ class TemplateRecord:
     final_latents: torch.Tensor  # [1, N, C]
     cache_bytes: int = 0  # the K/V as stored (mode-dependent)
     activations: TemplateActivations | None = None
+    # [steps, N, C] input latents of every step: lets an edit recompute a step's
+    # first blocks over every token (None for caches written without them).
+    step_latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,7 +100,8 @@ class RequestState:
     kv: TemplateCache | None = None  # this request's handle on that cache (fetches ahead)
     template_id: str | None = None  # the template the request edits, cached or not
     recording: TemplateActivations | None = None  # record K/V here (RECORD requests)
-    full_inputs: LatentInputs | None = None  # RECORD requests keep the full-grid inputs
+    full_inputs: LatentInputs | None = None  # full-grid inputs (RECORD requests, template edits)
+    full_blocks: int = 0  # leading blocks that compute every token instead of loading (planned)
     step_index: int = 0
 
     @property
@@ -194,6 +199,7 @@ class Engine:
         max_sequence_length: int = 512,
         limits: EngineLimits = EngineLimits(),
         store: ActivationStore | None = None,
+        costs: CostModel | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
@@ -208,6 +214,9 @@ class Engine:
         )
         self._templates: dict[str, TemplateRecord] = {}  # metadata of templates the store holds
         self._templates_lock = threading.Lock()
+        # This machine's fitted costs (``instgenie profile``): with them each step plans
+        # which leading blocks recompute instead of loading; without, every block loads.
+        self.costs = costs
 
     @classmethod
     def from_pretrained(
@@ -219,11 +228,13 @@ class Engine:
         max_sequence_length: int = 512,
         limits: EngineLimits = EngineLimits(),
         cache: dict[str, Any] | None = None,
+        costs: CostModel | None = None,
     ) -> "Engine":
         """Load a diffusers pipeline folder (tiny or real checkpoint).
 
         ``cache``: keyword arguments of :class:`~instgenie.cache.ActivationStore`
         (``mode``, ``host_budget_bytes``, ``disk_dir``, ...); default host memory only.
+        ``costs``: the loading planner's cost model (``instgenie profile``).
         """
         pipe, family_cls, fingerprint = load_pipeline(model_dir, device, dtype)
         store = None
@@ -239,6 +250,7 @@ class Engine:
             max_sequence_length=max_sequence_length,
             limits=limits,
             store=store,
+            costs=costs,
         )
 
     def use_codec(self, codec: Codec) -> None:
@@ -371,6 +383,8 @@ class Engine:
         if state.template is not None:
             # Opened at preparation, before admission: the first steps load meanwhile.
             state.kv = self.store.open(state.template.template_id)
+            state.full_inputs = full_inputs  # the condition of every token, for full blocks
+            state.full_blocks = self._plan_full_blocks(state)
         if kind is RequestKind.RECORD:
             state.recording = TemplateActivations(inputs=self.store.mode.stores_inputs)
             state.full_inputs = full_inputs
@@ -442,17 +456,35 @@ class Engine:
         return state
 
     # -- the step ----------------------------------------------------------------
-    def step(self, states: Sequence[RequestState]) -> None:
+    def step(self, states: Sequence[RequestState], full_blocks: int | None = None) -> None:
         """Advance every unfinished state by one denoising step, in one transformer call.
 
         States may be at different steps, compute different token sets, use different
         templates (of one resolution) or none, and record; each gets exactly what it
         would get stepped alone (up to batched-kernel rounding).
+
+        ``full_blocks``: how many leading transformer blocks compute every token
+        instead of reading the cache (default: each state's own plan, states with
+        different plans stepping in separate calls).
         """
         active = [s for s in states if not s.done]
         if not active:
             return
-        output = self.family.predict(self.model_inputs(active))
+        for state in active:
+            if state.recording is not None:
+                state.recording.put_latents(state.step_index, state.inputs.latents)
+        if full_blocks is None:  # one call per planned prefix length (usually one call)
+            groups: dict[int, list[RequestState]] = {}
+            for state in active:
+                groups.setdefault(state.full_blocks, []).append(state)
+            for planned, group in groups.items():
+                self._call(group, planned)
+        else:
+            self._call(active, full_blocks)
+
+    def _call(self, active: Sequence[RequestState], full_blocks: int) -> None:
+        inputs = self.model_inputs(active, full_blocks)
+        output = inputs.batch.computed_outputs(self.family.predict(inputs))
         first = 0
         for state in active:
             prediction = output[first : first + state.rows, : state.computed_tokens]
@@ -462,17 +494,53 @@ class Engine:
                 prediction = uncond + state.settings.guidance * (cond - uncond)
             self._advance(state, prediction)
 
-    def model_inputs(self, active: Sequence[RequestState]) -> ModelInputs:
-        """The batched transformer inputs of unfinished ``active`` states at their current steps."""
+    def _plan_full_blocks(self, state: RequestState) -> int:
+        """How many leading blocks of each step of ``state`` compute every token instead of loading.
+
+        Chosen once per request from its own sizes, never from its batch mates, so
+        its result does not depend on what it was batched with: with a new prompt,
+        recomputed blocks attend over the edit's own unmasked K/V, not the template's.
+        0 (load every block) without a cost model or without the template's step latents.
+        """
+        template = state.template
+        if self.costs is None or template is None or template.step_latents is None:
+            return 0
+        blocks = len(self.family.blocks)
+        text_len = state.text.prompt_embeds.shape[1]
+        block_bytes = template.cache_bytes // (state.total_steps * blocks)
+        plan = self.costs.plan_prefix(
+            blocks, state.rows * (state.num_tokens + text_len), state.rows * (state.computed_tokens + text_len), block_bytes
+        )
+        return plan.recomputed
+
+    def _full_grid_tokens(self, state: RequestState) -> torch.Tensor:
+        """``[N, C]`` inputs of every token of a cached state: the template's latents at
+        this step where the state computes nothing (the tokens its cache stands for)."""
+        assert state.template is not None and state.template.step_latents is not None and state.full_inputs is not None
+        latents = state.template.step_latents[state.step_index].clone()
+        latents[state.token_index] = state.inputs.latents[0]
+        if state.full_inputs.condition is not None:
+            latents = torch.cat([latents, state.full_inputs.condition[0]], dim=-1)
+        return latents
+
+    def model_inputs(self, active: Sequence[RequestState], full_blocks: int = 0) -> ModelInputs:
+        """The batched transformer inputs of unfinished ``active`` states at their current steps.
+
+        With ``full_blocks`` > 0 every row carries every token (for the full-block prefix).
+        """
         grid = self.family.grid(active[0].settings)
         if any(self.family.grid(s.settings) != grid for s in active):
             raise InvalidInput("states of different resolutions cannot share a step")
+        if full_blocks and any(s.template is not None and s.template.step_latents is None for s in active):
+            raise ValueError("a template cached without step latents cannot recompute blocks; register it again")
         rows: list[TokenRow] = []
         tokens: list[torch.Tensor] = []
         for state in active:
             row_tokens = state.inputs.latents[0]
             if state.inputs.condition is not None:
                 row_tokens = torch.cat([row_tokens, state.inputs.condition[0]], dim=-1)
+            if full_blocks and state.template is not None:
+                row_tokens = self._full_grid_tokens(state)
             for row in range(state.rows):
                 rows.append(
                     TokenRow(
@@ -483,10 +551,10 @@ class Engine:
                 )
                 tokens.append(row_tokens)
         text = torch.cat([s.text.prompt_embeds for s in active])
-        batch = TokenBatch(rows, num_tokens=active[0].num_tokens, text_len=text.shape[1])
+        batch = TokenBatch(rows, num_tokens=active[0].num_tokens, text_len=text.shape[1], full_blocks=full_blocks)
         return ModelInputs(
             batch=batch,
-            tokens=_pad_rows(tokens, batch.padded_len),
+            tokens=_pad_rows(tokens, batch.num_tokens if batch.is_dense else batch.padded_len),
             prompt_embeds=text,
             pooled=torch.cat([s.text.pooled for s in active]),
             timesteps=torch.stack([s.timesteps[s.step_index] for s in active for _ in range(s.rows)]),
@@ -541,6 +609,7 @@ class Engine:
             inputs=state.full_inputs,
             final_latents=state.inputs.latents,
             activations=state.recording,
+            step_latents=state.recording.step_latents(),
         )
         self.add_template(template, state.recording)
         return template
@@ -616,6 +685,8 @@ def _record_meta(record: TemplateRecord) -> tuple[dict[str, torch.Tensor], dict[
         "pixel_mask": torch.from_numpy(np.ascontiguousarray(record.pixel_mask, dtype=np.uint8)),
         "image": torch.from_numpy(np.array(record.image.convert("RGB"), dtype=np.uint8)),
     }
+    if record.step_latents is not None:
+        meta["step_latents"] = record.step_latents
     for name in _INPUT_FIELDS:
         value = getattr(record.inputs, name)
         if value is not None:
@@ -641,4 +712,5 @@ def _record_from_meta(template_id: str, meta: dict[str, torch.Tensor], info: dic
         mask_tokens=meta["mask_tokens"],
         inputs=inputs,
         final_latents=meta["final_latents"],
+        step_latents=meta.get("step_latents"),
     )

@@ -10,6 +10,7 @@ import torch
 
 from instgenie import EngineLimits
 from instgenie.cache import CacheMode
+from instgenie.cache.planner import CostModel
 from instgenie.scheduler import SchedulerConfig
 
 
@@ -35,6 +36,7 @@ class ModelParameters:
     cache_dir: str = ""  # disk tier (every recorded template, survives restarts); empty = host memory only
     cache_mode: str = "float32"  # float32 | bfloat16, optionally ",unmasked" and ",input" (see instgenie.cache.CacheMode)
     prefetch_lookahead: int = 2  # cache steps read from disk ahead of the step computing
+    cost_model: str = ""  # costs.json from `instgenie profile`: plan recomputed blocks; empty = load every block
     max_pixels: int = EngineLimits.max_pixels
     max_steps: int = EngineLimits.max_steps
     drain_timeout_s: float = 60.0  # finalize() lets in-flight requests finish this long
@@ -81,6 +83,11 @@ class ModelParameters:
             "disk_dir": self.cache_dir or None,
             "lookahead": self.prefetch_lookahead,
         }
+
+    @property
+    def costs(self) -> CostModel | None:
+        """The loading planner's cost model, if configured."""
+        return CostModel.read(self.cost_model) if self.cost_model else None
 
     @property
     def scheduler(self) -> SchedulerConfig:

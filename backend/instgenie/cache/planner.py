@@ -16,6 +16,12 @@ where recomputing two blocks per load hides them. It returns the fastest of gree
 frontier, "load every block" and "recompute every block", so a plan is never slower
 than either extreme. Costs come from :class:`CostModel`, linear fits written by
 ``instgenie profile``.
+
+What the engine executes is :func:`plan_prefix`: recomputing a block needs every
+token's input to it, and those exist only while every block before it computed
+every token, so the recomputed blocks of a step are its first ``k``. The search
+over ``k`` is exhaustive (one simulation per ``k``) and, like the above, never
+slower than loading every block or recomputing every block (``k = 0``, ``k = n``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["BlockPlan", "CostModel", "LinearCost", "plan_blocks", "simulate"]
+__all__ = ["BlockPlan", "CostModel", "LinearCost", "plan_blocks", "plan_prefix", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,18 @@ class CostModel:
         raw = json.loads(Path(path).read_text())
         return cls(LinearCost(**raw["block_compute"]), LinearCost(**raw["load"]), raw.get("device", "cpu"))
 
-    def plan(self, blocks: int, all_tokens: int, masked_tokens: int, block_bytes: int) -> "BlockPlan":
-        """The plan for ``blocks`` equal blocks of one masked step."""
+    def _costs(self, blocks: int, all_tokens: int, masked_tokens: int, block_bytes: int) -> tuple[list[float], ...]:
         full = [self.block_compute(all_tokens)] * blocks
         masked = [self.block_compute(masked_tokens)] * blocks
-        return plan_blocks(full, masked, [self.load(block_bytes)] * blocks)
+        return full, masked, [self.load(block_bytes)] * blocks
+
+    def plan(self, blocks: int, all_tokens: int, masked_tokens: int, block_bytes: int) -> "BlockPlan":
+        """The unconstrained plan for ``blocks`` equal blocks of one masked step."""
+        return plan_blocks(*self._costs(blocks, all_tokens, masked_tokens, block_bytes))
+
+    def plan_prefix(self, blocks: int, all_tokens: int, masked_tokens: int, block_bytes: int) -> "BlockPlan":
+        """The executable plan (recomputed blocks first) for ``blocks`` equal blocks."""
+        return plan_prefix(*self._costs(blocks, all_tokens, masked_tokens, block_bytes))
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,20 @@ def plan_blocks(
     times = {name: simulate(plan, full_s, masked_s, load_s, buffers) for name, plan in candidates.items()}
     best = min(candidates, key=lambda name: (times[name], name != "greedy"))
     return BlockPlan(candidates[best], times[best], times["all_load"], times["all_recompute"])
+
+
+def plan_prefix(
+    full_s: Sequence[float], masked_s: Sequence[float], load_s: Sequence[float], buffers: int = 2
+) -> BlockPlan:
+    """The fastest plan that recomputes the first ``k`` blocks and loads the rest."""
+    if not (len(full_s) == len(masked_s) == len(load_s)):
+        raise ValueError("full_s, masked_s and load_s need one entry per block")
+    blocks = len(full_s)
+    times = [
+        simulate((False,) * k + (True,) * (blocks - k), full_s, masked_s, load_s, buffers) for k in range(blocks + 1)
+    ]
+    best = min(range(blocks + 1), key=lambda k: (times[k], k))  # ties: load (fewer recomputed blocks)
+    return BlockPlan((False,) * best + (True,) * (blocks - best), times[best], times[0], times[blocks])
 
 
 def _frontier_plan(

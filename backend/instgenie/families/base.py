@@ -134,6 +134,11 @@ class Family(ABC):
     def install_processors(self) -> int:
         """Install masked attention processors (and hooks); return the number of sites."""
 
+    @property
+    @abstractmethod
+    def blocks(self) -> list[torch.nn.Module]:
+        """The transformer's blocks in call order: the planner's unit of load-or-recompute."""
+
     # -- geometry ----------------------------------------------------------
     def grid(self, settings: GenerationSettings) -> tuple[int, int]:
         """Token grid ``(rows, cols)`` of a resolution."""

@@ -15,7 +15,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from PIL import Image
 
-from ..attention import MaskedFluxAttnProcessor, TokenBatch, install_masked_processors
+from ..attention import MaskedFluxAttnProcessor, TokenBatch, install_block_hooks, install_masked_processors
 from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 
 
@@ -29,7 +29,12 @@ class FluxFamily(Family):
         self._rotary_tables: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def install_processors(self) -> int:
+        install_block_hooks(self.blocks)
         return install_masked_processors(self.transformer, MaskedFluxAttnProcessor)
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
 
     @property
     def latent_channels(self) -> int:
@@ -73,19 +78,18 @@ class FluxFamily(Family):
     def _set_rotary(self, batch: TokenBatch, grid: tuple[int, int]) -> None:
         cos, sin = self._rotary(batch.text_len, grid)
         batch.full_rotary = (cos, sin)
-        text = torch.arange(batch.text_len, device=cos.device)
-        if batch.is_dense:
-            batch.rotary = (cos, sin)
+        if batch.all_dense:
             return
+        text = torch.arange(batch.text_len, device=cos.device)
         index = torch.cat([text.expand(batch.batch_size, -1), batch.padded_index + batch.text_len], dim=1)
-        batch.rotary = (cos[index], sin[index])
+        batch.row_rotary = (cos[index], sin[index])
 
     def predict(self, inputs: ModelInputs) -> torch.Tensor:
         batch = inputs.batch
         text_len = inputs.prompt_embeds.shape[1]
         # Positions come per row from the token batch; the transformer's own shared
         # ``img_ids`` only needs the right length.
-        img_ids = torch.zeros(batch.padded_len, 3, device=self.device, dtype=self.dtype)
+        img_ids = torch.zeros(inputs.tokens.shape[1], 3, device=self.device, dtype=self.dtype)
         txt_ids = torch.zeros(text_len, 3, device=self.device, dtype=self.dtype)
         guidance = inputs.guidance if self.transformer.config.guidance_embeds else None
         self._set_rotary(batch, inputs.grid)

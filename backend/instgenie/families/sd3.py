@@ -17,7 +17,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint import retrieve_timesteps
 from PIL import Image
 
-from ..attention import MaskedJointAttnProcessor, TokenBatch, install_masked_processors
+from ..attention import MaskedJointAttnProcessor, TokenBatch, install_block_hooks, install_masked_processors
 from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 
 
@@ -52,7 +52,12 @@ class SD3InpaintFamily(Family):
                 transformer.pos_embed.register_forward_hook(keep),
                 transformer.proj_out.register_forward_hook(capture),
             )
+        install_block_hooks(self.blocks)
         return install_masked_processors(transformer, MaskedJointAttnProcessor)
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.transformer.transformer_blocks)
 
     def _keep_computed_tokens(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
         if self._active is None:

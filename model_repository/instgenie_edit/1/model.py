@@ -28,6 +28,7 @@ class TritonPythonModel:
             max_sequence_length=self.params.max_sequence_length,
             limits=self.params.limits,
             cache=self.params.cache,
+            costs=self.params.costs,
         )
         if self.params.codec_workers:
             self.engine.use_codec(
