@@ -34,6 +34,7 @@ from .activations import TemplateActivations
 from .attention import TokenBatch, TokenRow
 from .cache import ActivationStore, TemplateCache
 from .cache.planner import CostModel
+from .cache.staging import CopyStage, StagedSource
 from .codec import Codec, LocalCodec
 from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
@@ -550,6 +551,14 @@ class Engine:
                     )
                 )
                 tokens.append(row_tokens)
+        if any(row.cached is not None for row in rows):
+            # Host->device copies run a site ahead of the compute (a no-op copy on CPU).
+            stage = CopyStage(
+                [row.cached for row in rows], self.family.num_sites, self.family.sites_before(full_blocks), self.device
+            )
+            for b, row in enumerate(rows):
+                if row.cached is not None:
+                    row.cached = StagedSource(stage, b, row.cached)
         text = torch.cat([s.text.prompt_embeds for s in active])
         batch = TokenBatch(rows, num_tokens=active[0].num_tokens, text_len=text.shape[1], full_blocks=full_blocks)
         return ModelInputs(

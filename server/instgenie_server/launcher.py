@@ -41,6 +41,7 @@ DRAIN_GAUGES = ("instgenie_active_requests", "instgenie_waiting_requests")
 
 _SHM_DIR = Path("/dev/shm")
 _POLL_S = 0.1
+_METRICS_READ_ATTEMPTS = 3  # failed metrics reads in a row before draining gives up
 _LOG_TAIL_BYTES = 4000
 
 
@@ -451,16 +452,23 @@ class TritonServer:
         """Wait up to ``timeout_s`` seconds until the :data:`DRAIN_GAUGES` sum to zero.
 
         Returns whether the server is idle. A server whose metrics cannot be read (it
-        exited, or has none) counts as idle: there is nothing left to wait for.
+        exited, or has none: a few reads in a row fail) counts as idle: there is
+        nothing left to wait for. One slow or failed read on a busy machine does not.
         """
         deadline = time.monotonic() + timeout_s
+        failures = 0
         while self.alive():
             try:
                 with urllib.request.urlopen(self.metrics_url, timeout=1.0) as response:
                     text = response.read().decode()
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                logger.warning("cannot read %s (%s); not draining", self.metrics_url, exc)
-                return True
+                failures += 1
+                if failures >= _METRICS_READ_ATTEMPTS:
+                    logger.warning("cannot read %s (%s); not draining", self.metrics_url, exc)
+                    return True
+                time.sleep(_POLL_S)
+                continue
+            failures = 0
             busy = sum(gauge_sum(text, name) for name in DRAIN_GAUGES)
             if busy == 0:
                 return True

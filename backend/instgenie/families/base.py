@@ -139,6 +139,10 @@ class Family(ABC):
     def blocks(self) -> list[torch.nn.Module]:
         """The transformer's blocks in call order: the planner's unit of load-or-recompute."""
 
+    def sites_before(self, block: int) -> int:
+        """Attention sites (numbered in call order) of the blocks before ``block``."""
+        return sum(1 for b in self.blocks[:block] for m in b.modules() if hasattr(m, "set_processor"))
+
     # -- geometry ----------------------------------------------------------
     def grid(self, settings: GenerationSettings) -> tuple[int, int]:
         """Token grid ``(rows, cols)`` of a resolution."""
