@@ -185,7 +185,6 @@ def markdown(report: dict) -> str:
         "(from preparation on).",
         "- **host**: resident = the cache in host memory (ideal); full = no cache. On a CPU there is no host->device copy, so "
         "naive and pipelined from the host tier are the resident run itself and are not listed separately.",
-        "",
         f"- **disk pipelined, inputs**: the same pipeline over a `{inputs}` cache (attention inputs instead of K/V: half "
         "the bytes read, K/V projected again on the CPU).",
         "",
