@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Imported here so this module stays importable on its own; neither imports torch or gRPC up front.
     from instgenie_client.cli import add_client_commands
+    from instgenie_router.cli import add_router_command
     from instgenie_server.launcher import add_serve_command
 
     add_serve_command(commands)
     add_client_commands(commands)
+    add_router_command(commands)
     return parser
 
 

@@ -521,6 +521,14 @@ class TritonServer:
             logger.log(logging.INFO if code == 0 else logging.WARNING, "tritonserver stopped (status %s)", code)
             return code
 
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group at once, as a crash would; then clean up."""
+        if self._process is None:
+            return
+        self._kill_group(self._process.pid)
+        self._process.wait()
+        self.stop(drain_timeout_s=0)
+
     @staticmethod
     def _kill_group(pgid: int, timeout_s: float = 5.0) -> None:
         """SIGKILL every process left in the group and wait (``timeout_s`` seconds) until none lives."""

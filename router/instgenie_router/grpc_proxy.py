@@ -1,0 +1,400 @@
+"""KServe v2 over gRPC, forwarded: the router's data plane.
+
+Every ``GRPCInferenceService`` call a Triton client makes is answered here:
+inference is routed by the policy, everything else (metadata, config, readiness of
+a model) goes to any healthy instance, and the router answers ``ServerLive`` and
+``ServerReady`` itself (ready while any instance is). A client stream
+(``ModelStreamInfer``, the decoupled edit model) may carry many requests; each is
+forwarded on an upstream stream of its own to the instance chosen for it, and the
+upstream responses are written back in arrival order.
+
+Reliability: a request whose instance refuses the connection or fails before its
+final response is retried on another instance (edits and registrations are
+idempotent: same inputs, same result, same template id), the failed instance is
+ejected until a health check passes; a client that cancels or disconnects cancels
+its upstream calls, which frees the slots on the instances; ``max_in_flight``
+bounds the requests the router holds, beyond which it answers ``overloaded``.
+Template registrations are broadcast to every healthy instance, so every instance
+that may serve the template has it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from .instances import Instance, InstancePool, RequestCost
+from .metrics import RouterMetrics
+from .policies import Policy
+from .requests import inspect
+from .signals import Scraper
+
+__all__ = ["GrpcRouter", "NoInstance"]
+
+log = logging.getLogger("instgenie.router")
+
+EDIT_MODEL = "instgenie_edit"
+# Codes that mean "this instance could not serve it" rather than "the request is bad".
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
+_FINAL_OUTPUTS = {"EDITED_IMAGE", "TEMPLATE", "TEMPLATES"}
+_UNKNOWN_TEMPLATE = "] unknown_template:"  # the instances' error wording (instgenie_client.protocol)
+_MESSAGE_BYTES = 256 * 2**20  # edited images and templates are MBs
+
+
+class NoInstance(RuntimeError):
+    """No healthy instance is left to try."""
+
+
+class Overloaded(RuntimeError):
+    """The router holds ``max_in_flight`` requests already."""
+
+
+class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self,
+        pool: InstancePool,
+        policy: Policy,
+        scraper: Scraper,
+        metrics: RouterMetrics,
+        *,
+        max_in_flight: int = 256,
+        request_timeout_s: float = 600.0,
+        max_attempts: int = 3,
+    ) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.scraper = scraper
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.request_timeout_s = request_timeout_s
+        self.max_attempts = max_attempts
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._workers = ThreadPoolExecutor(max_workers=max_in_flight + 8, thread_name_prefix="instgenie-route")
+        self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, service_pb2_grpc.GRPCInferenceServiceStub] = {}
+        self._channels_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        with self._channels_lock:
+            for channel in self._channels.values():
+                channel.close()
+
+    # -- upstream ------------------------------------------------------------------------
+    def stub(self, instance: Instance) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        with self._channels_lock:
+            if instance.name not in self._stubs:
+                channel = grpc.insecure_channel(
+                    instance.grpc_address,
+                    options=[
+                        ("grpc.max_send_message_length", _MESSAGE_BYTES),
+                        ("grpc.max_receive_message_length", _MESSAGE_BYTES),
+                    ],
+                )
+                self._channels[instance.name] = channel
+                self._stubs[instance.name] = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            return self._stubs[instance.name]
+
+    def choose(self, cost: RequestCost, exclude: set[str]) -> Instance:
+        candidates = self.pool.healthy(exclude)
+        if not candidates:
+            raise NoInstance("no healthy instance" + (" left to retry on" if exclude else ""))
+        started = time.perf_counter()
+        with self.pool.lock:  # the policy reads bookkeeping that dispatches update
+            instance = self.policy.choose(candidates, cost, self.pool.stale_after_s)
+        self.metrics.decision(time.perf_counter() - started)
+        return instance
+
+    def _eject(self, instance: Instance, error: grpc.RpcError) -> None:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.scraper.set_health(instance, False)
+
+    def _admit(self) -> None:
+        with self._in_flight_lock:
+            if self._in_flight >= self.max_in_flight:
+                raise Overloaded(f"the router holds {self.max_in_flight} requests; retry later")
+            self._in_flight += 1
+            self.metrics.gauge("instgenie_router_in_flight_requests", self._in_flight)
+
+    def _leave(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+            self.metrics.gauge("instgenie_router_in_flight_requests", self._in_flight)
+
+    # -- server-level calls -------------------------------------------------------------
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=bool(self.pool.healthy()))
+
+    def _any(self, method: str, request: Any, context: grpc.ServicerContext) -> Any:
+        tried: set[str] = set()
+        while True:
+            try:
+                instance = self.choose(RequestCost(0.0), tried)
+            except NoInstance as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            tried.add(instance.name)
+            try:
+                return getattr(self.stub(instance), method)(request, timeout=10.0)
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE:
+                    context.abort(exc.code(), exc.details() or str(exc))
+                self._eject(instance, exc)
+
+    # -- inference ------------------------------------------------------------------------
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            self._admit()
+        except Overloaded as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            info = inspect(request)
+            tried: set[str] = set()
+            for _ in range(self.max_attempts):
+                try:
+                    instance = self.choose(info.cost, tried)
+                except NoInstance as exc:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                tried.add(instance.name)
+                key = uuid.uuid4().hex
+                self.pool.start(instance, key, info.cost)
+                self.metrics.count("instgenie_router_routed_total", instance.name)
+                try:
+                    return self.stub(instance).ModelInfer(request, timeout=self.request_timeout_s)
+                except grpc.RpcError as exc:
+                    self.metrics.count("instgenie_router_failed_total", instance.name)
+                    if exc.code() not in _RETRYABLE:
+                        context.abort(exc.code(), exc.details() or str(exc))
+                    self._eject(instance, exc)
+                    self.metrics.count("instgenie_router_retried_total", instance.name)
+                finally:
+                    self.pool.finish(instance, key)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"no instance served the request in {self.max_attempts} attempts")
+        finally:
+            self._leave()
+
+    def ModelStreamInfer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        responses: queue.Queue[Any] = queue.Queue()
+        stream = _ClientStream(responses.put)
+        context.add_callback(stream.cancel)  # the client cancelled, or its stream ended
+
+        def read() -> None:
+            try:
+                for request in request_iterator:
+                    responses.put(_STARTED)
+                    self._workers.submit(self._serve, request, stream)
+            except grpc.RpcError:
+                pass  # the client went away: stream.cancel runs
+            except Exception:  # noqa: BLE001 - a reader must not die silently
+                log.exception("reading a client stream failed")
+            finally:
+                responses.put(_READ_DONE)
+
+        threading.Thread(target=read, name="instgenie-route-reader", daemon=True).start()
+        reading, active = True, 0
+        while reading or active:
+            item = responses.get()
+            if item is _STARTED:
+                active += 1
+            elif item is _FINISHED:
+                active -= 1
+            elif item is _READ_DONE:
+                reading = False
+            elif not stream.cancelled.is_set():
+                yield item
+
+    def _serve(self, request: Any, stream: "_ClientStream") -> None:
+        """Forward one streamed request (with retries); always ends with ``_FINISHED``."""
+        try:
+            self._admit()
+        except Overloaded as exc:
+            stream.send(_error_response(request, "overloaded", str(exc)))
+            stream.send(_FINISHED)
+            return
+        try:
+            info = inspect(request)
+            if request.model_name == EDIT_MODEL and info.action == "register":
+                self._broadcast(request, info.cost, stream)
+            else:
+                self._forward(request, info.cost, stream)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not hang its stream
+            log.exception("routing request %s failed", request.id)
+            stream.send(_error_response(request, "router_error", f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._leave()
+            stream.send(_FINISHED)
+
+    def _forward(self, request: Any, cost: RequestCost, stream: "_ClientStream", exclude: set[str] | None = None) -> bool:
+        """Stream ``request`` to an instance and its responses to the client; whether it succeeded."""
+        tried = set(exclude or ())
+        refusals: list[Any] = []  # unknown_template answers: the client's error if no instance has it
+        for _attempt in range(self.max_attempts):
+            if stream.cancelled.is_set():
+                return False
+            try:
+                instance = self.choose(cost, tried)
+            except NoInstance as exc:
+                stream.send(refusals[-1] if refusals else _error_response(request, "unavailable", str(exc)))
+                return False
+            tried.add(instance.name)
+            outcome = self._attempt(instance, request, cost, stream, refusals)
+            if outcome is not None:
+                return outcome
+            self.metrics.count("instgenie_router_retried_total", instance.name)
+        stream.send(refusals[-1] if refusals else _error_response(
+            request, "unavailable", f"no instance served the request in {self.max_attempts} attempts"
+        ))  # fmt: skip
+        return False
+
+    def _attempt(
+        self, instance: Instance, request: Any, cost: RequestCost, stream: "_ClientStream", refusals: list[Any] | None = None
+    ) -> bool | None:
+        """One upstream stream; ``None`` when the request should go to another instance
+        (an ``unknown_template`` refusal is then appended to ``refusals``)."""
+        key = uuid.uuid4().hex
+        self.pool.start(instance, key, cost)
+        self.metrics.count("instgenie_router_routed_total", instance.name)
+        call = self.stub(instance).ModelStreamInfer(iter([request]), timeout=self.request_timeout_s)
+        stream.track(call)
+        final = forwarded = False
+        try:
+            for response in call:
+                if not forwarded and _UNKNOWN_TEMPLATE in response.error_message:
+                    # This instance lacks the template (it joined after the registration,
+                    # or lost its disk): another one may hold it.
+                    log.info("request %s: %s lacks its template; trying another instance", request.id, instance.name)
+                    call.cancel()
+                    if refusals is not None:
+                        refusals.append(response)
+                    return None
+                final = final or _is_final(response)
+                forwarded = True
+                stream.send(response)
+            return True
+        except grpc.RpcError as exc:
+            if stream.cancelled.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
+                return False
+            self.metrics.count("instgenie_router_failed_total", instance.name)
+            if final or exc.code() not in _RETRYABLE:
+                stream.send(_error_response(request, "upstream_error", f"{exc.code().name}: {exc.details()}"))
+                return False
+            log.warning("request %s failed on %s (%s); retrying elsewhere", request.id, instance.name, exc.code().name)
+            self._eject(instance, exc)
+            return None
+        finally:
+            stream.untrack(call)
+            self.pool.finish(instance, key)
+
+    def _broadcast(self, request: Any, cost: RequestCost, stream: "_ClientStream") -> None:
+        """Register a template on every healthy instance, in parallel; answer when all are done.
+
+        The client sees one instance's responses, after every instance holds the
+        template, so an edit routed anywhere right after finds it. The other
+        registrations are not cancelled with the client (the template is wanted
+        everywhere it may be routed).
+        """
+        try:
+            chosen = self.choose(cost, set())
+        except NoInstance as exc:
+            stream.send(_error_response(request, "unavailable", str(exc)))
+            return
+        others = [
+            self._workers.submit(self._register_quietly, instance, request, cost)
+            for instance in self.pool.healthy({chosen.name})
+        ]
+        held: list[Any] = []
+        outcome = self._attempt(chosen, request, cost, stream.holding(held))
+        for other in others:
+            other.result(timeout=self.request_timeout_s)
+        for response in held:
+            stream.send(response)
+        if outcome is None:  # the chosen instance failed: another one answers (it holds the template now)
+            self._forward(request, cost, stream, exclude={chosen.name})
+
+    def _register_quietly(self, instance: Instance, request: Any, cost: RequestCost) -> None:
+        errors: list[str] = []
+
+        def collect(response: Any) -> None:
+            if response.error_message:
+                errors.append(response.error_message)
+
+        if not self._attempt(instance, request, cost, _ClientStream(collect)) or errors:
+            log.warning("registering %s on %s failed: %s", request.id, instance.name, errors or "unreachable")
+
+
+class _ClientStream:
+    """Where one client stream's responses go, and the upstream calls to cancel with it."""
+
+    def __init__(self, send: Callable[[Any], None], cancelled: threading.Event | None = None) -> None:
+        self.send = send
+        self.cancelled = cancelled or threading.Event()
+        self._calls: set[Any] = set()
+        self._lock = threading.Lock()
+
+    def holding(self, held: list[Any]) -> "_ClientStream":
+        """The same stream (same cancellation) with responses kept in ``held`` instead of sent."""
+        view = _ClientStream(held.append, self.cancelled)
+        view._calls, view._lock = self._calls, self._lock
+        return view
+
+    def track(self, call: Any) -> None:
+        with self._lock:
+            self._calls.add(call)
+        if self.cancelled.is_set():
+            call.cancel()
+
+    def untrack(self, call: Any) -> None:
+        with self._lock:
+            self._calls.discard(call)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self._lock:
+            for call in list(self._calls):
+                call.cancel()
+
+
+def _answered_by_any_instance(method: str) -> Callable[..., Any]:
+    def call(self: GrpcRouter, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._any(method, request, context)
+
+    call.__name__ = call.__qualname__ = method
+    call.__doc__ = f"``{method}``, answered by any healthy instance (they serve one model repository)."
+    return call
+
+
+for _method in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics", "RepositoryIndex"):
+    setattr(GrpcRouter, _method, _answered_by_any_instance(_method))
+
+_STARTED, _FINISHED, _READ_DONE = object(), object(), object()
+
+
+def _is_final(response: Any) -> bool:
+    if response.error_message:
+        return True
+    infer = response.infer_response
+    final = infer.parameters.get("triton_final_response")
+    if final is not None and final.bool_param:
+        return True
+    return any(output.name in _FINAL_OUTPUTS for output in infer.outputs)
+
+
+def _error_response(request: Any, reason: str, message: str) -> Any:
+    """An error on the stream, worded like the instances' own (``[request <id>] <reason>: ...``)."""
+    text = f"[request {request.id}] {reason}: {message}"
+    return pb.ModelStreamInferResponse(
+        error_message=text,
+        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+    )

@@ -1,0 +1,99 @@
+"""Which instance serves a request: ``round_robin``, ``least_requests``, ``mask_aware``.
+
+``mask_aware`` (the default) predicts each instance's finish time: its outstanding
+token-steps plus the new request's, at the instance's measured seconds per
+token-step, plus the cost of bringing the request's template cache in (none when
+the template was routed there recently and so sits in its host tier, a disk load
+otherwise). It picks the instance that minimises the largest finish time over all
+instances after the assignment, then the earliest finish of the chosen one, then
+template affinity. A small mask on a busy instance can thus beat a large one on an
+idle instance, which request counting cannot see.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Protocol, Sequence
+
+from .instances import Instance, RequestCost
+
+__all__ = ["POLICIES", "Policy", "RoundRobin", "LeastRequests", "MaskAware"]
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, candidates: Sequence[Instance], cost: RequestCost, stale_after_s: float) -> Instance:
+        """One of ``candidates`` (healthy, non-empty) for a request of ``cost``."""
+        ...
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def choose(self, candidates: Sequence[Instance], cost: RequestCost, stale_after_s: float) -> Instance:
+        with self._lock:
+            turn = next(self._counter)
+        return sorted(candidates, key=lambda i: i.name)[turn % len(candidates)]
+
+
+class LeastRequests:
+    """Fewest requests in flight (the router's own count, or the instance's scraped one)."""
+
+    name = "least_requests"
+
+    def choose(self, candidates: Sequence[Instance], cost: RequestCost, stale_after_s: float) -> Instance:
+        now = time.monotonic()
+
+        def requests(instance: Instance) -> float:
+            scraped = 0.0
+            if now - instance.scraped_at <= stale_after_s:
+                scraped = instance.scraped.get("instgenie_active_requests", 0.0) + instance.scraped.get(
+                    "instgenie_waiting_requests", 0.0
+                )
+            return max(len(instance.in_flight), scraped)
+
+        return min(candidates, key=lambda i: (requests(i), i.name))
+
+
+class MaskAware:
+    """Minimise the predicted makespan (see module doc).
+
+    Args:
+        seconds_per_token_step: the instances' speed when not measured yet.
+        cold_template_s: the cost of a template whose cache is not in host memory.
+    """
+
+    name = "mask_aware"
+
+    def __init__(self, seconds_per_token_step: float = 1e-4, cold_template_s: float = 0.3) -> None:
+        self.seconds_per_token_step = seconds_per_token_step
+        self.cold_template_s = cold_template_s
+
+    def speed(self, instance: Instance) -> float:
+        """Seconds per token-step, from the instance's counters when it has run any."""
+        steps_s = instance.scraped.get("instgenie_step_duration_seconds_sum", 0.0)
+        tokens = instance.scraped.get("instgenie_computed_row_tokens_total", 0.0)
+        return steps_s / tokens if tokens > 0 and steps_s > 0 else self.seconds_per_token_step
+
+    def choose(self, candidates: Sequence[Instance], cost: RequestCost, stale_after_s: float) -> Instance:
+        now = time.monotonic()
+        finish = {i.name: i.outstanding(now, stale_after_s) * self.speed(i) for i in candidates}
+
+        def after_assignment(instance: Instance) -> tuple[float, float, bool, str]:
+            own = finish[instance.name] + cost.token_steps * self.speed(instance)
+            if not instance.holds(cost.template_id):
+                own += self.cold_template_s
+            makespan = max([own] + [f for name, f in finish.items() if name != instance.name])
+            return makespan, own, not instance.holds(cost.template_id), instance.name
+
+        return min(candidates, key=after_assignment)
+
+
+POLICIES: dict[str, type] = {p.name: p for p in (RoundRobin, LeastRequests, MaskAware)}

@@ -1,0 +1,102 @@
+"""What the router reads of a KServe v2 inference request: action, template, mask size.
+
+The edit model's inputs (``instgenie_client.protocol``) travel either as raw bytes
+(``raw_input_contents``, tritonclient's default: BYTES elements length-prefixed,
+numbers little-endian) or as typed ``contents``; both are read. The mask is decoded
+only to count the latent tokens it touches, the unit of the instances' load gauge.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .instances import RequestCost
+
+__all__ = ["EditRequestInfo", "inspect"]
+
+PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2 (Flux, SD3)
+
+
+@dataclass(frozen=True)
+class EditRequestInfo:
+    action: str  # edit | register | list | other (a model other than the edit model)
+    template_id: str | None
+    cost: RequestCost
+
+
+def inspect(request: object, default_steps: int = 28) -> EditRequestInfo:
+    """Routing facts of a ``ModelInferRequest``."""
+    values = _inputs(request)
+    action = (values.get("ACTION") or b"edit").decode(errors="replace") if "ACTION" in values else "edit"
+    template = values.get("TEMPLATE_ID")
+    template_id = template.decode(errors="replace") if template else None
+    steps = values.get("STEPS")
+    step_count = int(np.frombuffer(steps, "<i4")[0]) if isinstance(steps, bytes) and len(steps) >= 4 else default_steps
+    mask = values.get("MASK")
+    tokens = _mask_tokens(mask) if isinstance(mask, bytes) else 0
+    if action == "register" or (template_id is None and values.get("IMAGE")):
+        image = values.get("IMAGE")
+        tokens = _image_tokens(image) if isinstance(image, bytes) else tokens
+    return EditRequestInfo(action, template_id, RequestCost(float(max(tokens, 1) * max(step_count, 1)), template_id))
+
+
+def _inputs(request: object) -> dict[str, bytes]:
+    """First element of each input as bytes (BYTES: the element; numbers: raw little-endian)."""
+    values: dict[str, bytes] = {}
+    raw = list(getattr(request, "raw_input_contents", []))
+    for index, tensor in enumerate(getattr(request, "inputs", [])):
+        if index < len(raw):
+            data = raw[index]
+            if tensor.datatype == "BYTES":
+                if len(data) >= 4:
+                    (length,) = struct.unpack_from("<I", data)
+                    values[tensor.name] = data[4 : 4 + length]
+            else:
+                values[tensor.name] = data
+            continue
+        contents = tensor.contents
+        if contents.bytes_contents:
+            values[tensor.name] = contents.bytes_contents[0]
+        elif contents.int_contents:
+            values[tensor.name] = struct.pack("<i", contents.int_contents[0])
+        elif contents.int64_contents:
+            values[tensor.name] = struct.pack("<q", contents.int64_contents[0])
+    return values
+
+
+def _decode(data: bytes) -> Image.Image | None:
+    try:
+        if data[:4] != b"\x89PNG" and data[:2] != b"\xff\xd8":  # base64 text (SSE/JSON clients)
+            import base64
+
+            data = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception:  # a bad image is the instance's to refuse, with its clear error
+        return None
+
+
+def _mask_tokens(data: bytes) -> int:
+    image = _decode(data)
+    if image is None:
+        return 0
+    mask = np.asarray(image.convert("L")) > 127
+    rows, cols = mask.shape[0] // PIXELS_PER_TOKEN, mask.shape[1] // PIXELS_PER_TOKEN
+    if rows == 0 or cols == 0:
+        return 0
+    cells = mask[: rows * PIXELS_PER_TOKEN, : cols * PIXELS_PER_TOKEN]
+    return int(cells.reshape(rows, PIXELS_PER_TOKEN, cols, PIXELS_PER_TOKEN).any(axis=(1, 3)).sum())
+
+
+def _image_tokens(data: bytes) -> int:
+    image = _decode(data)
+    if image is None:
+        return 0
+    width, height = image.size
+    return (width // PIXELS_PER_TOKEN) * (height // PIXELS_PER_TOKEN)

@@ -1,0 +1,123 @@
+"""The router process: gRPC data plane, metrics, health (``instgenie router``).
+
+Ports given as 0 are picked free. The HTTP port answers ``/v2/health/live`` and
+``/v2/health/ready``; the metrics port serves the router's Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from tritonclient.grpc import service_pb2_grpc
+
+from .grpc_proxy import _MESSAGE_BYTES, GrpcRouter
+from .instances import Instance, InstancePool
+from .metrics import RouterMetrics
+from .policies import POLICIES
+from .signals import Scraper
+
+__all__ = ["Router", "RouterConfig"]
+
+log = logging.getLogger("instgenie.router")
+
+
+@dataclass
+class RouterConfig:
+    instances: list[str]
+    policy: str = "mask_aware"
+    host: str = "0.0.0.0"
+    grpc_port: int = 8101
+    http_port: int = 8100
+    metrics_port: int = 8102
+    scrape_interval_s: float = 0.5
+    stale_after_s: float = 3.0
+    max_in_flight: int = 256
+    request_timeout_s: float = 600.0
+
+
+class Router:
+    """The running router: start(), then stop(); a context manager."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        if config.policy not in POLICIES:
+            raise ValueError(f"unknown policy {config.policy!r}; one of {sorted(POLICIES)}")
+        self.config = config
+        self.pool = InstancePool([Instance.parse(spec) for spec in config.instances], config.stale_after_s)
+        self.metrics = RouterMetrics(config.policy)
+        self.scraper = Scraper(self.pool, interval_s=config.scrape_interval_s, on_change=self._health_changed)
+        self.policy = POLICIES[config.policy]()
+        self.grpc = GrpcRouter(
+            self.pool, self.policy, self.scraper, self.metrics,
+            max_in_flight=config.max_in_flight, request_timeout_s=config.request_timeout_s,
+        )  # fmt: skip
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_in_flight + 16, thread_name_prefix="instgenie-router-rpc"),
+            options=[("grpc.max_send_message_length", _MESSAGE_BYTES), ("grpc.max_receive_message_length", _MESSAGE_BYTES)],
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.grpc, self._server)
+        self.grpc_port = self._server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+        if not self.grpc_port:
+            raise OSError(f"cannot listen on {config.host}:{config.grpc_port}")
+        self._http = ThreadingHTTPServer((config.host, config.http_port), _handler(self, metrics_only=False))
+        self._metrics_http = ThreadingHTTPServer((config.host, config.metrics_port), _handler(self, metrics_only=True))
+        self.http_port = self._http.server_address[1]
+        self.metrics_port = self._metrics_http.server_address[1]
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "Router":
+        self.scraper.start()
+        self._server.start()
+        for server in (self._http, self._metrics_http):
+            thread = threading.Thread(target=server.serve_forever, daemon=True, name="instgenie-router-http")
+            thread.start()
+            self._threads.append(thread)
+        log.info("router (%s) on grpc %d, http %d, metrics %d over %s", self.config.policy, self.grpc_port,
+                 self.http_port, self.metrics_port, [i.name for i in self.pool.instances])  # fmt: skip
+        return self
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._server.stop(grace_s).wait()
+        for server in (self._http, self._metrics_http):
+            server.shutdown()
+            server.server_close()
+        self.scraper.stop()
+        self.grpc.close()
+
+    def __enter__(self) -> "Router":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _health_changed(self, instance: Instance, healthy: bool) -> None:
+        self.metrics.count("instgenie_router_ejections_total" if not healthy else "instgenie_router_rejoins_total", instance.name)
+
+
+def _handler(router: Router, metrics_only: bool) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path == "/metrics":
+                self._reply(200, router.metrics.render().encode(), "text/plain; version=0.0.4")
+            elif not metrics_only and self.path == "/v2/health/live":
+                self._reply(200, b"")
+            elif not metrics_only and self.path == "/v2/health/ready":
+                self._reply(200 if router.pool.healthy() else 503, b"")
+            else:
+                self._reply(404, b'{"error":"not found"}', "application/json")
+
+        def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+            log.debug("http: " + format, *args)
+
+    return Handler

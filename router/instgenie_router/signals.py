@@ -1,0 +1,117 @@
+"""The router's view of its instances, refreshed on an interval: metrics and health.
+
+Every ``interval_s`` each instance's Prometheus endpoint is scraped (Triton's and
+InstGenIE's series, NVML GPU series when the instance has a GPU) and its readiness
+checked (``GET /v2/health/ready``). An instance that fails the check is ejected and
+gets no requests until a check passes again; the forwarding path also ejects an
+instance at once when it refuses a connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.error
+import urllib.request
+from typing import Callable, Iterable
+
+from .instances import Instance, InstancePool
+
+__all__ = ["Scraper", "parse_metrics", "SCRAPED_SERIES"]
+
+log = logging.getLogger("instgenie.router")
+
+# Series the policies read, summed over their labels.
+SCRAPED_SERIES = (
+    "instgenie_outstanding_token_steps",
+    "instgenie_active_requests",
+    "instgenie_waiting_requests",
+    "instgenie_masked_tokens",
+    "instgenie_step_duration_seconds_sum",
+    "instgenie_computed_row_tokens_total",
+    "instgenie_cache_host_bytes",
+    "instgenie_gpu_utilization_ratio",
+    "instgenie_gpu_memory_used_bytes",
+)
+
+
+def parse_metrics(text: str, names: Iterable[str] = SCRAPED_SERIES) -> dict[str, float]:
+    """Sum of each series in Prometheus text format, over all its label sets."""
+    wanted = set(names)
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name = head.split("{", 1)[0]
+        if name in wanted:
+            try:
+                values[name] = values.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+    return values
+
+
+class Scraper:
+    """A thread that scrapes and health-checks every instance of a pool.
+
+    Args:
+        on_change: called with ``(instance, healthy)`` when an instance is ejected or rejoins.
+    """
+
+    def __init__(
+        self,
+        pool: InstancePool,
+        interval_s: float = 0.5,
+        timeout_s: float = 1.0,
+        on_change: Callable[[Instance, bool], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="instgenie-router-scraper", daemon=True)
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def refresh(self) -> None:
+        """One round over every instance (also what the thread does each interval)."""
+        for instance in self.pool.instances:
+            self.check(instance)
+
+    def check(self, instance: Instance) -> bool:
+        ready = self._ready(instance)
+        if ready:
+            try:
+                with urllib.request.urlopen(instance.metrics_url, timeout=self.timeout_s) as response:
+                    values = parse_metrics(response.read().decode())
+                self.pool.update_scrape(instance, values.get("instgenie_outstanding_token_steps", 0.0), values)
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                log.debug("metrics of %s unreadable: %s", instance.name, exc)  # stale values age out
+        self.set_health(instance, ready)
+        return ready
+
+    def set_health(self, instance: Instance, healthy: bool) -> None:
+        if self.pool.mark(instance, healthy):
+            log.warning("instance %s %s", instance.name, "rejoined" if healthy else "ejected")
+            if self.on_change is not None:
+                self.on_change(instance, healthy)
+
+    def _ready(self, instance: Instance) -> bool:
+        try:
+            url = f"http://{instance.http_address}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.refresh()
