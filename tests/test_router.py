@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from PIL import Image
 
 from conftest import TEXT_LEN, png, rect_mask, template_image
 from instgenie.masking import token_indices
 from instgenie_client import InstGenIEClient
+from instgenie_client.http_client import SseInstGenIEClient
 from instgenie_router.instances import Instance, InstancePool, RequestCost
 from instgenie_router.policies import LeastRequests, MaskAware, RoundRobin
 from instgenie_router.requests import inspect
@@ -271,3 +273,21 @@ def test_plain_tritonclient_sees_the_router_as_a_triton_server(router: Router) -
         assert response.status == 200
     text = urllib.request.urlopen(f"http://127.0.0.1:{router.metrics_port}/metrics", timeout=5).read().decode()
     assert "instgenie_router_decision_seconds_count" in text
+
+
+def test_http_clients_work_through_the_router(router: Router, instances) -> None:  # type: ignore[no-untyped-def]
+    sse = SseInstGenIEClient(f"127.0.0.1:{router.http_port}", timeout_s=120)
+    template_id = sse.register_template(png(template_image(35)), "a bench", seed=3, steps=STEPS)
+    assert all(template_id in InstGenIEClient(s.grpc_url, timeout_s=60).list_templates() for s in instances)
+    steps: list[int] = []
+    mask = png(rect_mask(0.2, seed=35))
+    result = sse.edit(mask, "a bag", template_id=template_id, on_progress=lambda p: steps.append(p.step))
+    assert steps == list(range(1, STEPS + 1))  # server-sent events arrive through the router
+    direct = InstGenIEClient(instances[0].grpc_url, timeout_s=60).edit(mask, "a bag", template_id=template_id)
+    assert result.image == direct.image
+    plain = httpclient.InferenceServerClient(f"127.0.0.1:{router.http_port}")
+    try:
+        assert plain.is_server_ready() and plain.is_model_ready("instgenie_edit")
+        assert plain.get_model_metadata("instgenie_edit")["name"] == "instgenie_edit"
+    finally:
+        plain.close()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .instances import RequestCost
 
-__all__ = ["EditRequestInfo", "inspect"]
+__all__ = ["EditRequestInfo", "inspect", "inspect_json"]
 
 PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2 (Flux, SD3)
 
@@ -31,7 +31,25 @@ class EditRequestInfo:
 
 def inspect(request: object, default_steps: int = 28) -> EditRequestInfo:
     """Routing facts of a ``ModelInferRequest``."""
-    values = _inputs(request)
+    return _facts(_inputs(request), default_steps)
+
+
+def inspect_json(body: dict, default_steps: int = 28) -> EditRequestInfo:
+    """Routing facts of a ``generate``/``generate_stream`` JSON body (inputs by name)."""
+    values: dict[str, bytes] = {}
+    for name, value in body.items():
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            values[name] = struct.pack("<i", value)
+        elif isinstance(value, str):
+            values[name] = value.encode()
+    return _facts(values, default_steps)
+
+
+def _facts(values: dict[str, bytes], default_steps: int) -> EditRequestInfo:
     action = (values.get("ACTION") or b"edit").decode(errors="replace") if "ACTION" in values else "edit"
     template = values.get("TEMPLATE_ID")
     template_id = template.decode(errors="replace") if template else None

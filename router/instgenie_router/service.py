@@ -1,7 +1,9 @@
 """The router process: gRPC data plane, metrics, health (``instgenie router``).
 
 Ports given as 0 are picked free. The HTTP port answers ``/v2/health/live`` and
-``/v2/health/ready``; the metrics port serves the router's Prometheus metrics.
+``/v2/health/ready`` itself and forwards every other ``/v2`` request
+(:mod:`~instgenie_router.http_proxy`); the metrics port serves the router's
+Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from .grpc_proxy import _MESSAGE_BYTES, GrpcRouter
+from .http_proxy import forward
 from .instances import Instance, InstancePool
 from .metrics import RouterMetrics
 from .policies import POLICIES
@@ -107,6 +110,14 @@ def _handler(router: Router, metrics_only: bool) -> type[BaseHTTPRequestHandler]
                 self._reply(200, b"")
             elif not metrics_only and self.path == "/v2/health/ready":
                 self._reply(200 if router.pool.healthy() else 503, b"")
+            elif not metrics_only and self.path.startswith("/v2/"):
+                forward(self, router, "GET")
+            else:
+                self._reply(404, b'{"error":"not found"}', "application/json")
+
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            if not metrics_only and self.path.startswith("/v2/"):
+                forward(self, router, "POST")
             else:
                 self._reply(404, b'{"error":"not found"}', "application/json")
 

@@ -1,0 +1,143 @@
+"""KServe v2 over HTTP, forwarded: ``generate_stream`` (SSE), ``generate``, ``infer``, metadata.
+
+An inference POST is routed by the policy from its JSON body (``generate*``: inputs
+by name) and streamed back as the instance writes it, so server-sent events arrive
+step by step; other ``/v2`` requests go to any healthy instance. A request that
+cannot connect is retried on another instance before anything reached the client.
+Closing the client connection closes the upstream one, which is how an SSE client
+cancels a request on Triton. ``ACTION=register`` goes to every healthy instance.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING
+
+from .instances import Instance, RequestCost
+from .requests import inspect_json
+
+if TYPE_CHECKING:
+    from .service import Router
+
+__all__ = ["forward"]
+
+log = logging.getLogger("instgenie.router")
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
+_CHUNK = 64 * 1024
+
+
+def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> None:
+    """Answer ``handler``'s request from an instance (the handler's headers are read, its body not yet)."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    body = handler.rfile.read(length) if length else b""
+    cost, register = RequestCost(0.0), False
+    if method == "POST" and "/generate" in handler.path:
+        try:
+            info = inspect_json(json.loads(body or b"{}"))
+            cost, register = info.cost, info.action == "register"
+        except (ValueError, AttributeError):
+            pass  # not JSON: the instance answers with its own error
+    if register:
+        _broadcast(router, handler, method, body, cost)
+        return
+    tried: set[str] = set()
+    while True:
+        try:
+            instance = router.grpc.choose(cost, tried)
+        except Exception as exc:  # NoInstance
+            _reply_error(handler, 503, f"no healthy instance: {exc}")
+            return
+        tried.add(instance.name)
+        try:
+            upstream = _open(instance, handler, method, body)
+        except OSError as exc:
+            log.warning("HTTP %s %s: %s unreachable (%s); retrying elsewhere", method, handler.path, instance.name, exc)
+            router.scraper.set_health(instance, False)
+            router.metrics.count("instgenie_router_retried_total", instance.name)
+            continue
+        _relay(router, instance, cost, upstream, handler)
+        return
+
+
+def _open(instance: Instance, handler: BaseHTTPRequestHandler, method: str, body: bytes) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection(instance.host, instance.http_port, timeout=600)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
+    connection.request(method, handler.path, body=body or None, headers=headers)
+    return connection
+
+
+def _relay(
+    router: "Router", instance: Instance, cost: RequestCost, connection: http.client.HTTPConnection, handler: BaseHTTPRequestHandler
+) -> None:
+    key = uuid.uuid4().hex
+    router.pool.start(instance, key, cost)
+    router.metrics.count("instgenie_router_routed_total", instance.name)
+    try:
+        response = connection.getresponse()
+        handler.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                handler.send_header(name, value)
+        handler.send_header("Connection", "close")  # the body ends when the connection does
+        handler.end_headers()
+        while chunk := response.read1(_CHUNK):
+            handler.wfile.write(chunk)
+            handler.wfile.flush()
+    except (OSError, http.client.HTTPException) as exc:
+        # The client went away (which cancels the request upstream as the connection
+        # closes below), or the instance did mid-response: nothing can be retried.
+        log.info("HTTP %s: relay from %s ended: %s", handler.path, instance.name, exc)
+    finally:
+        connection.close()
+        router.pool.finish(instance, key)
+        handler.close_connection = True
+
+
+def _broadcast(router: "Router", handler: BaseHTTPRequestHandler, method: str, body: bytes, cost: RequestCost) -> None:
+    instances = router.pool.healthy()
+    if not instances:
+        _reply_error(handler, 503, "no healthy instance")
+        return
+
+    def register(instance: Instance) -> tuple[int, list[tuple[str, str]], bytes]:
+        connection = _open(instance, handler, method, body)
+        try:
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(len(instances)) as pool:
+        futures = [pool.submit(register, instance) for instance in instances]
+        answers = []
+        for instance, future in zip(instances, futures):
+            try:
+                answers.append(future.result())
+            except OSError as exc:
+                log.warning("registering on %s failed: %s", instance.name, exc)
+    if not answers:
+        _reply_error(handler, 503, "no instance could register the template")
+        return
+    status, headers, content = answers[0]
+    handler.send_response(status)
+    for name, value in headers:
+        if name.lower() not in _HOP_BY_HOP:
+            handler.send_header(name, value)
+    handler.send_header("Content-Length", str(len(content)))
+    handler.end_headers()
+    handler.wfile.write(content)
+
+
+def _reply_error(handler: BaseHTTPRequestHandler, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
