@@ -141,7 +141,12 @@ class Family(ABC):
 
     def sites_before(self, block: int) -> int:
         """Attention sites (numbered in call order) of the blocks before ``block``."""
-        return sum(1 for b in self.blocks[:block] for m in b.modules() if hasattr(m, "set_processor"))
+        if not hasattr(self, "_site_offsets"):  # once: every step asks
+            offsets = [0]
+            for b in self.blocks:
+                offsets.append(offsets[-1] + sum(1 for m in b.modules() if hasattr(m, "set_processor")))
+            self._site_offsets = offsets
+        return self._site_offsets[block]
 
     # -- geometry ----------------------------------------------------------
     def grid(self, settings: GenerationSettings) -> tuple[int, int]:
