@@ -267,6 +267,16 @@ def test_plain_tritonclient_sees_the_router_as_a_triton_server(router: Router) -
         metadata = client.get_model_metadata("instgenie_edit")
         assert {tensor.name for tensor in metadata.inputs} >= {"MASK", "PROMPT", "TEMPLATE_ID"}
         assert client.get_model_config("instgenie_edit").config.model_transaction_policy.decoupled
+        # Statistics are the fleet's: each instance's, summed (counters never go back
+        # when a later read is answered by another instance, as perf_analyzer needs).
+        fleet = client.get_inference_statistics("instgenie_edit").model_stats[0]
+        parts = []
+        for instance in router.pool.instances:
+            direct = grpcclient.InferenceServerClient(instance.grpc_address)
+            parts.append(direct.get_inference_statistics("instgenie_edit").model_stats[0])
+            direct.close()
+        assert fleet.inference_stats.success.count == sum(p.inference_stats.success.count for p in parts)
+        assert fleet.last_inference == max(p.last_inference for p in parts)
     finally:
         client.close()
     with urllib.request.urlopen(f"http://127.0.0.1:{router.http_port}/v2/health/ready", timeout=5) as response:

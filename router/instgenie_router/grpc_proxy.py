@@ -153,6 +153,33 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
                     context.abort(exc.code(), exc.details() or str(exc))
                 self._eject(instance, exc)
 
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """The fleet's statistics: every healthy instance's, summed per model and version.
+
+        Counters then only grow, whichever instances served a request (perf_analyzer
+        reads them before and after a measurement window).
+        """
+        merged: dict[tuple[str, str], Any] = {}
+        answered = False
+        for instance in self.pool.healthy():
+            try:
+                response = self.stub(instance).ModelStatistics(request, timeout=10.0)
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE:
+                    context.abort(exc.code(), exc.details() or str(exc))
+                self._eject(instance, exc)
+                continue
+            answered = True
+            for stats in response.model_stats:
+                key = (stats.name, stats.version)
+                if key in merged:
+                    _add_statistics(merged[key], stats)
+                else:
+                    merged[key] = stats
+        if not answered:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy instance")
+        return pb.ModelStatisticsResponse(model_stats=[merged[key] for key in sorted(merged)])
+
     # -- inference ------------------------------------------------------------------------
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -375,10 +402,37 @@ def _answered_by_any_instance(method: str) -> Callable[..., Any]:
     return call
 
 
-for _method in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics", "RepositoryIndex"):
+for _method in ("ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig", "RepositoryIndex"):
     setattr(GrpcRouter, _method, _answered_by_any_instance(_method))
 
 _STARTED, _FINISHED, _READ_DONE = object(), object(), object()
+
+
+def _add_statistics(total: Any, other: Any) -> None:
+    """Add statistics message ``other`` into ``total``: counts and durations summed,
+    ``last_inference`` the later one, repeated entries matched by batch size or map key."""
+    for field, value in other.ListFields():
+        if field.name == "last_inference":
+            total.last_inference = max(total.last_inference, value)
+        elif field.type == field.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            target = getattr(total, field.name)
+            for key, entry in value.items():
+                if key in target:
+                    _add_statistics(target[key], entry)
+                else:
+                    target[key].CopyFrom(entry)
+        elif field.type == field.TYPE_MESSAGE and field.is_repeated:
+            target = getattr(total, field.name)
+            for entry in value:
+                match = next((t for t in target if getattr(t, "batch_size", None) == getattr(entry, "batch_size", object())), None)
+                if match is None:
+                    target.add().CopyFrom(entry)
+                else:
+                    _add_statistics(match, entry)
+        elif field.type == field.TYPE_MESSAGE:
+            _add_statistics(getattr(total, field.name), value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(total, field.name, getattr(total, field.name) + value)
 
 
 def _is_final(response: Any) -> bool:
