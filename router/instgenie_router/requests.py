@@ -8,6 +8,7 @@ only to count the latent tokens it touches, the unit of the instances' load gaug
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 from dataclasses import dataclass
@@ -90,8 +91,6 @@ def _inputs(request: object) -> dict[str, bytes]:
 def _decode(data: bytes) -> Image.Image | None:
     try:
         if data[:4] != b"\x89PNG" and data[:2] != b"\xff\xd8":  # base64 text (SSE/JSON clients)
-            import base64
-
             data = base64.b64decode(data, validate=True)
         image = Image.open(io.BytesIO(data))
         image.load()
