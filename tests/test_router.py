@@ -19,6 +19,8 @@ from conftest import TEXT_LEN, png, rect_mask, template_image
 from instgenie.masking import token_indices
 from instgenie_client import InstGenIEClient
 from instgenie_client.http_client import SseInstGenIEClient
+from instgenie.cli import build_parser
+from instgenie_router.discovery import Discovery, DnsTarget, resolve_addresses
 from instgenie_router.instances import Instance, InstancePool, RequestCost
 from instgenie_router.policies import LeastRequests, MaskAware, RoundRobin
 from instgenie_router.requests import inspect
@@ -79,6 +81,81 @@ def test_stale_or_zero_counters_do_not_attract_every_request() -> None:
     assert picks.count(first.name) == picks.count(second.name) == 3
 
 
+def test_mask_aware_weighs_recording_a_template_an_instance_lacks() -> None:
+    pool = _pool(0.0, 0.0)
+    holder, lacking = pool.instances
+    pool.registered(holder, {"tpl"})
+    pool.start(holder, "a", RequestCost(2_000.0))  # busy, but with less work than a recording
+    cost = RequestCost(100.0, "tpl", record_token_steps=50_000.0)
+    assert lacking.lacks(cost) and not holder.lacks(cost)
+    assert MaskAware().choose(pool.instances, cost, 5.0) is holder
+    pool.start(holder, "b", RequestCost(100_000.0))  # now its queue outweighs recording elsewhere
+    assert MaskAware().choose(pool.instances, cost, 5.0) is lacking
+    # Without a registration to replay there is no recording to weigh: a disk load at most.
+    assert not lacking.lacks(RequestCost(100.0, "tpl"))
+
+
+def test_instance_specs_accept_ipv6_literals() -> None:
+    instance = Instance.parse("[fd00::7]:8001")
+    assert instance.host == "fd00::7" and instance.name == "[fd00::7]:8001"
+    assert instance.metrics_url == "http://[fd00::7]:8002/metrics"
+
+
+def test_router_config_file_with_command_line_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "router.toml"
+    file.write_text('instances = ["a:8001", "dns:fleet.svc:8001"]\npolicy = "least_requests"\ngrpc_port = 9101\nscrape_interval_s = 1.5\n')
+    config = RouterConfig.build(file, {"policy": "round_robin", "http_port": None})
+    assert config.instances == ["a:8001", "dns:fleet.svc:8001"] and config.policy == "round_robin"
+    assert (config.grpc_port, config.http_port, config.scrape_interval_s) == (9101, RouterConfig().http_port, 1.5)
+    assert RouterConfig.build(overrides={"instances": "a:1, b:2"}).instances == ["a:1", "b:2"]
+    bad = {
+        'instances = ["a:1"]\nprot = 1\n': "unknown router setting",
+        'instances = ["a:1"]\ngrpc_port = "x"\n': "grpc_port",
+        'policy = "round_robin"\n': "needs instances",
+        "instances = [\n": "router config",
+    }
+    for text, message in bad.items():
+        file.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            RouterConfig.build(file)
+    # The command line says so and exits 2, starting nothing.
+    file.write_text('instances = ["a:1"]\nmax_in_flight = 1.5\n')
+    args = build_parser().parse_args(["router", "--config", str(file), "--grpc-port", "0"])
+    assert args.run(args) == 2
+
+
+def test_dns_discovery_follows_the_addresses_of_a_name() -> None:
+    answers: dict[str, object] = {"fleet.svc": ["10.0.0.1", "10.0.0.2"]}
+
+    def resolver(name: str) -> list[str]:
+        answer = answers[name]
+        if isinstance(answer, OSError):
+            raise answer
+        return list(answer)  # type: ignore[call-overload]
+
+    fixed = Instance.parse("static:9001")
+    pool = InstancePool([fixed], allow_empty=True)
+    joined: list[str] = []
+    left: list[str] = []
+    discovery = Discovery(pool, [DnsTarget.parse("dns:fleet.svc:8001")], resolver,
+                          on_join=lambda i: joined.append(i.name), on_leave=lambda i: left.append(i.name))  # fmt: skip
+    discovery.refresh()
+    assert [i.name for i in pool.snapshot()] == ["static:9001", "10.0.0.1:8001", "10.0.0.2:8001"]
+    assert pool.by_name("10.0.0.1:8001").metrics_url == "http://10.0.0.1:8002/metrics"
+    assert not any(i.healthy for i in pool.snapshot() if i.source)  # until a health check lets them in
+    answers["fleet.svc"] = OSError("DNS timeout")  # a failed lookup changes nothing
+    discovery.refresh()
+    assert len(pool.snapshot()) == 3
+    answers["fleet.svc"] = ["10.0.0.2", "fd00::3"]  # one pod gone, one new (IPv6)
+    discovery.refresh()
+    assert [i.name for i in pool.snapshot()] == ["static:9001", "10.0.0.2:8001", "[fd00::3]:8001"]
+    assert left == ["10.0.0.1:8001"] and joined == ["10.0.0.1:8001", "10.0.0.2:8001", "[fd00::3]:8001"]
+    answers["fleet.svc"] = []  # the name has no ready pods: only the fixed instance stays
+    discovery.refresh()
+    assert [i.name for i in pool.snapshot()] == ["static:9001"]
+    assert "127.0.0.1" in resolve_addresses("localhost") or "::1" in resolve_addresses("localhost")
+
+
 def test_round_robin_cycles() -> None:
     pool = _pool(0.0, 0.0, 0.0)
     policy = RoundRobin()
@@ -112,20 +189,22 @@ def test_request_inspection_counts_mask_tokens_and_steps() -> None:
 
 
 # -- three real instances behind the router ------------------------------------------------
-@pytest.fixture(scope="module")
-def instances(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+def _instance_server(model_dirs: dict[str, Path], root: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+    """A tritonserver with the tiny flux-fill model and its own disk tier under ``root``."""
     from instgenie_server.launcher import TritonServer, default_model_repository, models_with_parameter, render_repository
 
     source = default_model_repository()
-    servers = []
-    for index in range(INSTANCES):
-        root = tmp_path_factory.mktemp(f"instance{index}")
-        parameters = {
-            "model_dir": str(model_dirs["flux-fill"]), "max_sequence_length": str(TEXT_LEN), "max_active": "4",
-            "max_waiting": "32", "codec_nice": "0", "cache_dir": str(root / "cache"), "drain_timeout_s": "10",
-        }  # fmt: skip
-        repository = render_repository(source, root / "models", {n: parameters for n in models_with_parameter(source, "model_dir")})
-        servers.append(TritonServer(repository, log_file=root / "server.log"))
+    parameters = {
+        "model_dir": str(model_dirs["flux-fill"]), "max_sequence_length": str(TEXT_LEN), "max_active": "4",
+        "max_waiting": "32", "codec_nice": "0", "cache_dir": str(root / "cache"), "drain_timeout_s": "10",
+    }  # fmt: skip
+    repository = render_repository(source, root / "models", {n: parameters for n in models_with_parameter(source, "model_dir")})
+    return TritonServer(repository, log_file=root / "server.log", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def instances(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    servers = [_instance_server(model_dirs, tmp_path_factory.mktemp(f"instance{i}")) for i in range(INSTANCES)]
     for server in servers:
         server.start()
     try:
@@ -301,3 +380,90 @@ def test_http_clients_work_through_the_router(router: Router, instances) -> None
         assert plain.get_model_metadata("instgenie_edit")["name"] == "instgenie_edit"
     finally:
         plain.close()
+
+
+def _wait_routed(router: Router, total: float, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sum(_routed(router).values()) < total:
+        assert time.monotonic() < deadline, "the router did not route the request"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("policy", ["least_requests", "mask_aware"])
+def test_policies_spread_a_large_edit_and_small_ones_their_own_way(instances, policy: str) -> None:  # type: ignore[no-untyped-def]
+    """One large edit, then two small ones, all running at once on two instances.
+
+    ``least_requests`` balances counts, so the second small edit joins the large one
+    (a 1-1 tie, broken by name); ``mask_aware`` balances work, so both small edits
+    share the instance without the large one.
+    """
+    first, second = sorted(instances[:2], key=lambda s: f"127.0.0.1:{s.grpc_port}")
+    config = RouterConfig(_specs([first, second]), policy=policy, host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0)
+    with Router(config) as router:
+        client = InstGenIEClient(f"127.0.0.1:{router.grpc_port}", timeout_s=120)
+        template_id = client.register_template(png(template_image(36)), "a hall", seed=3, steps=40)
+        start = _routed(router)
+        large = client.submit(png(rect_mask(0.9, seed=36)), "a crowd", template_id=template_id)
+        assert next(iter(large.progress)).step >= 1
+        before = _routed(router)
+        total = sum(before.values())
+        small = []
+        for seed in (37, 38):
+            small.append(client.submit(png(rect_mask(0.05, seed=seed)), "a cup", template_id=template_id))
+            total += 1
+            _wait_routed(router, total)  # each is placed before the next one arrives
+        placed = {name: count - before[name] for name, count in _routed(router).items()}
+        for job in [large, *small]:
+            job.cancel()
+    first_name, second_name = (f"127.0.0.1:{s.grpc_port}" for s in (first, second))
+    (large_on,) = [name for name in before if before[name] - start[name] == 1]
+    if policy == "least_requests":
+        # Both idle: the large edit goes first by name; then counts 1-0, then a 1-1 tie (by name).
+        assert large_on == first_name and placed == {first_name: 1, second_name: 1}, placed
+    else:
+        other = second_name if large_on == first_name else first_name
+        assert placed == {large_on: 0, other: 2}, placed
+
+
+def test_dns_discovered_instances_join_with_their_templates_and_leave(model_dirs, instances, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A headless-Service-like name: one address, then a second (a new pod on another
+    address, same ports) that joins without a router restart, gets the templates
+    registered before it existed and serves edits; then the first address leaves."""
+    base = instances[0]
+    addresses = ["127.0.0.1"]
+    spec = f"dns:fleet.test:{base.grpc_port}:{base.http_port}:{base.metrics_port}"
+    config = RouterConfig([spec], policy="round_robin", host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0,
+                          scrape_interval_s=0.2, discovery_interval_s=0.2)  # fmt: skip
+    new_pod = _instance_server(model_dirs, tmp_path, host="127.0.0.2", http_port=base.http_port, grpc_port=base.grpc_port,
+                               metrics_port=base.metrics_port)  # fmt: skip
+    with Router(config, resolver=lambda name: list(addresses) if name == "fleet.test" else []) as router:
+        old_name, new_name = (f"{host}:{base.grpc_port}" for host in ("127.0.0.1", "127.0.0.2"))
+        assert [i.name for i in router.pool.healthy()] == [old_name]
+        client = InstGenIEClient(f"127.0.0.1:{router.grpc_port}", timeout_s=120)
+        template_id = client.register_template(png(template_image(39)), "a porch", seed=3, steps=STEPS)
+        new_pod.start()
+        try:
+            new_pod.wait_ready()
+            addresses.append("127.0.0.2")
+            direct = InstGenIEClient(f"127.0.0.2:{base.grpc_port}", timeout_s=60)
+            deadline = time.monotonic() + 90
+            while template_id not in direct.list_templates():  # replayed on it once it was healthy
+                assert time.monotonic() < deadline, "the template was not registered on the new instance"
+                time.sleep(0.3)
+            assert router.metrics.counter_value("instgenie_router_replayed_registrations_total", new_name) == 1
+            before = _routed(router)
+            mask = png(rect_mask(0.2, seed=39))
+            images = {client.edit(mask, "a cat", template_id=template_id).image for _ in range(4)}
+            after = _routed(router)
+            assert (after[old_name] - before[old_name], after[new_name] - before[new_name]) == (2, 2)
+            assert len(images) == 1  # both instances give the same edit
+            addresses.remove("127.0.0.1")  # the first pod goes away
+            deadline = time.monotonic() + 10
+            while old_name in [i.name for i in router.pool.snapshot()]:
+                assert time.monotonic() < deadline, "the vanished address stayed in the pool"
+                time.sleep(0.1)
+            before = router.metrics.counter_value("instgenie_router_routed_total", new_name)
+            client.edit(mask, "a cat", template_id=template_id)
+            assert router.metrics.counter_value("instgenie_router_routed_total", new_name) == before + 1
+        finally:
+            new_pod.stop(drain_timeout_s=0)

@@ -15,11 +15,13 @@ ejected until a health check passes; a client that cancels or disconnects cancel
 its upstream calls, which frees the slots on the instances; ``max_in_flight``
 bounds the requests the router holds, beyond which it answers ``overloaded``.
 Template registrations are broadcast to every healthy instance, so every instance
-that may serve the template has it.
+that may serve the template has it, and kept (:mod:`~instgenie_router.registrations`)
+to replay on an instance that becomes healthy later without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -35,6 +37,7 @@ from tritonclient.grpc import service_pb2_grpc
 from .instances import Instance, InstancePool, RequestCost
 from .metrics import RouterMetrics
 from .policies import Policy
+from .registrations import Registrations, bytes_output, list_request
 from .requests import inspect
 from .signals import Scraper
 
@@ -69,6 +72,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         max_in_flight: int = 256,
         request_timeout_s: float = 600.0,
         max_attempts: int = 3,
+        registrations: Registrations | None = None,
     ) -> None:
         self.pool = pool
         self.policy = policy
@@ -77,6 +81,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
         self.max_attempts = max_attempts
+        self.registrations = registrations if registrations is not None else Registrations()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._workers = ThreadPoolExecutor(max_workers=max_in_flight + 8, thread_name_prefix="instgenie-route")
@@ -89,6 +94,14 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         with self._channels_lock:
             for channel in self._channels.values():
                 channel.close()
+
+    def forget(self, instance: Instance) -> None:
+        """Close the channel to an instance that left the pool."""
+        with self._channels_lock:
+            channel = self._channels.pop(instance.name, None)
+            self._stubs.pop(instance.name, None)
+        if channel is not None:
+            channel.close()
 
     # -- upstream ------------------------------------------------------------------------
     def stub(self, instance: Instance) -> service_pb2_grpc.GRPCInferenceServiceStub:
@@ -105,13 +118,17 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
                 self._stubs[instance.name] = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             return self._stubs[instance.name]
 
-    def choose(self, cost: RequestCost, exclude: set[str]) -> Instance:
+    def choose(self, cost: RequestCost, exclude: set[str], key: str | None = None) -> Instance:
+        """The policy's instance for ``cost``; with ``key``, the request is booked there in the
+        same step (the caller then calls ``pool.finish(instance, key)``)."""
         candidates = self.pool.healthy(exclude)
         if not candidates:
             raise NoInstance("no healthy instance" + (" left to retry on" if exclude else ""))
         started = time.perf_counter()
         with self.pool.lock:  # the policy reads bookkeeping that dispatches update
             instance = self.policy.choose(candidates, cost, self.pool.stale_after_s)
+            if key is not None:
+                self.pool.start_unlocked(instance, key, cost)
         self.metrics.decision(time.perf_counter() - started)
         return instance
 
@@ -190,13 +207,12 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             info = inspect(request)
             tried: set[str] = set()
             for _ in range(self.max_attempts):
+                key = uuid.uuid4().hex
                 try:
-                    instance = self.choose(info.cost, tried)
+                    instance = self.choose(info.cost, tried, key)
                 except NoInstance as exc:
                     context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
                 tried.add(instance.name)
-                key = uuid.uuid4().hex
-                self.pool.start(instance, key, info.cost)
                 self.metrics.count("instgenie_router_routed_total", instance.name)
                 try:
                     return self.stub(instance).ModelInfer(request, timeout=self.request_timeout_s)
@@ -255,13 +271,19 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             if request.model_name == EDIT_MODEL and info.action == "register":
                 self._broadcast(request, info.cost, stream)
             else:
-                self._forward(request, info.cost, stream)
+                self._forward(request, self._with_record_cost(info.cost), stream)
         except Exception as exc:  # noqa: BLE001 - one request's failure must not hang its stream
             log.exception("routing request %s failed", request.id)
             stream.send(_error_response(request, "router_error", f"{type(exc).__name__}: {exc}"))
         finally:
             self._leave()
             stream.send(_FINISHED)
+
+    def _with_record_cost(self, cost: RequestCost) -> RequestCost:
+        """``cost`` with what recording its template costs, when the router could replay it."""
+        if cost.template_id is None:
+            return cost
+        return dataclasses.replace(cost, record_token_steps=self.registrations.record_token_steps(cost.template_id))
 
     def _forward(self, request: Any, cost: RequestCost, stream: "_ClientStream", exclude: set[str] | None = None) -> bool:
         """Stream ``request`` to an instance and its responses to the client; whether it succeeded."""
@@ -270,13 +292,14 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         for _attempt in range(self.max_attempts):
             if stream.cancelled.is_set():
                 return False
+            key = uuid.uuid4().hex
             try:
-                instance = self.choose(cost, tried)
+                instance = self.choose(cost, tried, key)
             except NoInstance as exc:
                 stream.send(refusals[-1] if refusals else _error_response(request, "unavailable", str(exc)))
                 return False
             tried.add(instance.name)
-            outcome = self._attempt(instance, request, cost, stream, refusals)
+            outcome = self._attempt(instance, request, cost, stream, refusals, key)
             if outcome is not None:
                 return outcome
             self.metrics.count("instgenie_router_retried_total", instance.name)
@@ -286,12 +309,20 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         return False
 
     def _attempt(
-        self, instance: Instance, request: Any, cost: RequestCost, stream: "_ClientStream", refusals: list[Any] | None = None
+        self,
+        instance: Instance,
+        request: Any,
+        cost: RequestCost,
+        stream: "_ClientStream",
+        refusals: list[Any] | None = None,
+        key: str | None = None,
     ) -> bool | None:
         """One upstream stream; ``None`` when the request should go to another instance
-        (an ``unknown_template`` refusal is then appended to ``refusals``)."""
-        key = uuid.uuid4().hex
-        self.pool.start(instance, key, cost)
+        (an ``unknown_template`` refusal is then appended to ``refusals``). ``key``: the
+        booking :meth:`choose` made, else one is made here."""
+        if key is None:
+            key = uuid.uuid4().hex
+            self.pool.start(instance, key, cost)
         self.metrics.count("instgenie_router_routed_total", instance.name)
         call = self.stub(instance).ModelStreamInfer(iter([request]), timeout=self.request_timeout_s)
         stream.track(call)
@@ -303,11 +334,17 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
                     # or lost its disk): another one may hold it.
                     log.info("request %s: %s lacks its template; trying another instance", request.id, instance.name)
                     call.cancel()
+                    with self.pool.lock:
+                        instance.registered.discard(cost.template_id or "")
                     if refusals is not None:
                         refusals.append(response)
                     return None
                 final = final or _is_final(response)
                 forwarded = True
+                if not response.error_message:
+                    held = bytes_output(response, "TEMPLATE")
+                    if held:  # a registration, or an edit of it: the instance holds that template
+                        self.pool.registered(instance, {held[0].decode(errors="replace")})
                 stream.send(response)
             return True
         except grpc.RpcError as exc:
@@ -332,8 +369,9 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         registrations are not cancelled with the client (the template is wanted
         everywhere it may be routed).
         """
+        key = uuid.uuid4().hex
         try:
-            chosen = self.choose(cost, set())
+            chosen = self.choose(cost, set(), key)
         except NoInstance as exc:
             stream.send(_error_response(request, "unavailable", str(exc)))
             return
@@ -342,13 +380,37 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             for instance in self.pool.healthy({chosen.name})
         ]
         held: list[Any] = []
-        outcome = self._attempt(chosen, request, cost, stream.holding(held))
+        outcome = self._attempt(chosen, request, cost, stream.holding(held), key=key)
         for other in others:
             other.result(timeout=self.request_timeout_s)
+        template_ids = [t for r in held if not r.error_message for t in bytes_output(r, "TEMPLATE") or []]
+        if template_ids:
+            self.registrations.remember(template_ids[0].decode(errors="replace"), request, cost.token_steps)
         for response in held:
             stream.send(response)
         if outcome is None:  # the chosen instance failed: another one answers (it holds the template now)
             self._forward(request, cost, stream, exclude={chosen.name})
+
+    def replay(self, instance: Instance) -> None:
+        """In the background: register on ``instance`` the remembered templates it lacks."""
+        if len(self.registrations):
+            self._workers.submit(self._replay, instance)
+
+    def _replay(self, instance: Instance) -> None:
+        listed: list[Any] = []
+        asked = self._attempt(instance, list_request(EDIT_MODEL, f"router-list-{uuid.uuid4().hex[:8]}"),
+                              RequestCost(1.0), _ClientStream(listed.append))  # fmt: skip
+        held = next((bytes_output(r, "TEMPLATES") for r in listed if not r.error_message), None)
+        if not asked or held is None:
+            log.warning("cannot list the templates of %s: %s", instance.name, [r.error_message for r in listed])
+            return
+        self.pool.registered(instance, {t.decode(errors="replace") for t in held}, replace=True)
+        for template_id, request, token_steps in self.registrations.missing(instance.registered):
+            if not instance.healthy:
+                return
+            log.info("registering %s on %s, which joined without it", template_id, instance.name)
+            self.metrics.count("instgenie_router_replayed_registrations_total", instance.name)
+            self._register_quietly(instance, request, RequestCost(token_steps, template_id))
 
     def _register_quietly(self, instance: Instance, request: Any, cost: RequestCost) -> None:
         errors: list[str] = []

@@ -48,8 +48,9 @@ def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> N
         return
     tried: set[str] = set()
     while True:
+        key = uuid.uuid4().hex
         try:
-            instance = router.grpc.choose(cost, tried)
+            instance = router.grpc.choose(cost, tried, key)
         except Exception as exc:  # NoInstance
             _reply_error(handler, 503, f"no healthy instance: {exc}")
             return
@@ -57,11 +58,12 @@ def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> N
         try:
             upstream = _open(instance, handler, method, body)
         except OSError as exc:
+            router.pool.finish(instance, key)
             log.warning("HTTP %s %s: %s unreachable (%s); retrying elsewhere", method, handler.path, instance.name, exc)
             router.scraper.set_health(instance, False)
             router.metrics.count("instgenie_router_retried_total", instance.name)
             continue
-        _relay(router, instance, cost, upstream, handler)
+        _relay(router, instance, key, upstream, handler)
         return
 
 
@@ -73,10 +75,9 @@ def _open(instance: Instance, handler: BaseHTTPRequestHandler, method: str, body
 
 
 def _relay(
-    router: "Router", instance: Instance, cost: RequestCost, connection: http.client.HTTPConnection, handler: BaseHTTPRequestHandler
+    router: "Router", instance: Instance, key: str, connection: http.client.HTTPConnection, handler: BaseHTTPRequestHandler
 ) -> None:
-    key = uuid.uuid4().hex
-    router.pool.start(instance, key, cost)
+    """Stream the instance's answer to the client; ``key``: the request's booking on ``instance``."""
     router.metrics.count("instgenie_router_routed_total", instance.name)
     try:
         response = connection.getresponse()

@@ -31,6 +31,9 @@ class RequestCost:
 
     token_steps: float
     template_id: str | None = None
+    # Token-steps of recording the template, when the router holds its registration
+    # (and so can replay it on an instance that lacks it).
+    record_token_steps: float | None = None
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Instance:
     http_port: int
     metrics_port: int
     healthy: bool = True
+    source: str | None = None  # the DNS name it was discovered under; None: given by hand
     ejections: int = 0
     # Scraped (signals.Scraper): the instance's own outstanding work, when it was read.
     scraped_token_steps: float = 0.0
@@ -50,28 +54,34 @@ class Instance:
     # The router's own bookkeeping.
     in_flight: dict[str, RequestCost] = field(default_factory=dict)
     templates: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    registered: set[str] = field(default_factory=set)  # templates it is known to hold (on disk or in memory)
 
     @property
     def name(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return self.grpc_address
 
     @property
     def grpc_address(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return _host_port(self.host, self.grpc_port)
 
     @property
     def http_address(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return _host_port(self.host, self.http_port)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{_host_port(self.host, self.metrics_port)}/metrics"
 
     @classmethod
     def parse(cls, spec: str) -> "Instance":
         """``HOST:GRPC_PORT[:HTTP_PORT[:METRICS_PORT]]``; HTTP and metrics default to Triton's
         layout around the gRPC port (8000/8001/8002: gRPC - 1 and gRPC + 1)."""
-        host, *ports = spec.strip().split(":")
+        spec = spec.strip()
+        if spec.startswith("["):  # [IPv6]:PORT...
+            host, _, rest = spec[1:].partition("]")
+            ports = rest.split(":")[1:] if rest.startswith(":") else []
+        else:
+            host, *ports = spec.split(":")
         if not host or not 1 <= len(ports) <= 3 or not all(p.isdigit() for p in ports):
             raise ValueError(f"instance {spec!r}: expected HOST:GRPC_PORT[:HTTP_PORT[:METRICS_PORT]]")
         grpc_port = int(ports[0])
@@ -90,6 +100,10 @@ class Instance:
         """Whether the template was routed here recently (its cache likely in host memory)."""
         return template_id is not None and template_id in self.templates
 
+    def lacks(self, cost: RequestCost) -> bool:
+        """Whether the request's template is known to be absent here (it would be recorded first)."""
+        return cost.record_token_steps is not None and cost.template_id not in self.registered
+
     def remember(self, template_id: str | None) -> None:
         if template_id is None:
             return
@@ -100,29 +114,56 @@ class Instance:
 
 
 class InstancePool:
-    """The instances and the router's bookkeeping, under one lock."""
+    """The instances and the router's bookkeeping, under one lock.
 
-    def __init__(self, instances: list[Instance], stale_after_s: float = 5.0) -> None:
-        if not instances:
+    ``allow_empty``: start with no instance (they are discovered later).
+    """
+
+    def __init__(self, instances: list[Instance], stale_after_s: float = 5.0, allow_empty: bool = False) -> None:
+        if not instances and not allow_empty:
             raise ValueError("the router needs at least one instance")
         names = [i.name for i in instances]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate instances: {names}")
-        self.instances = instances
+        self.instances = list(instances)
         self.stale_after_s = stale_after_s
         self.lock = threading.Lock()
+
+    def snapshot(self) -> list[Instance]:
+        with self.lock:
+            return list(self.instances)
 
     def healthy(self, exclude: set[str] = frozenset()) -> list[Instance]:  # type: ignore[assignment]
         with self.lock:
             return [i for i in self.instances if i.healthy and i.name not in exclude]
 
     def by_name(self, name: str) -> Instance:
-        return next(i for i in self.instances if i.name == name)
+        with self.lock:
+            return next(i for i in self.instances if i.name == name)
+
+    def add(self, instance: Instance) -> bool:
+        """Add a discovered instance; False if one of that name is there already."""
+        with self.lock:
+            if any(i.name == instance.name for i in self.instances):
+                return False
+            self.instances.append(instance)
+            return True
+
+    def remove(self, instance: Instance) -> None:
+        """Route nothing more to ``instance``; requests running there finish as they will."""
+        with self.lock:
+            self.instances = [i for i in self.instances if i is not instance]
+            instance.healthy = False
 
     def start(self, instance: Instance, request_key: str, cost: RequestCost) -> None:
         with self.lock:
-            instance.in_flight[request_key] = cost
-            instance.remember(cost.template_id)
+            self.start_unlocked(instance, request_key, cost)
+
+    def start_unlocked(self, instance: Instance, request_key: str, cost: RequestCost) -> None:
+        """:meth:`start` for a caller that holds ``lock`` (choosing and booking in one step,
+        so concurrent choices see each other)."""
+        instance.in_flight[request_key] = cost
+        instance.remember(cost.template_id)
 
     def finish(self, instance: Instance, request_key: str) -> None:
         with self.lock:
@@ -139,8 +180,20 @@ class InstancePool:
                 instance.templates.clear()  # a restarted instance starts with a cold host tier
             return True
 
+    def registered(self, instance: Instance, template_ids: set[str], replace: bool = False) -> None:
+        """Note templates ``instance`` holds; ``replace``: exactly those (it listed them)."""
+        with self.lock:
+            if replace:
+                instance.registered = set(template_ids)
+            else:
+                instance.registered |= template_ids
+
     def update_scrape(self, instance: Instance, token_steps: float, values: dict[str, float]) -> None:
         with self.lock:
             instance.scraped_token_steps = token_steps
             instance.scraped = values
             instance.scraped_at = time.monotonic()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 literals in brackets

@@ -2,9 +2,10 @@
 
 ``mask_aware`` (the default) predicts each instance's finish time: its outstanding
 token-steps plus the new request's, at the instance's measured seconds per
-token-step, plus the cost of bringing the request's template cache in (none when
+token-step, plus the cost of bringing the request's template cache in: none when
 the template was routed there recently and so sits in its host tier, a disk load
-otherwise). It picks the instance that minimises the largest finish time over all
+when it was not, and a recording (the registration's token-steps) when the
+instance is known to lack it. It picks the instance that minimises the largest finish time over all
 instances after the assignment, then the earliest finish of the chosen one, then
 template affinity. A small mask on a busy instance can thus beat a large one on an
 idle instance, which request counting cannot see.
@@ -88,7 +89,9 @@ class MaskAware:
 
         def after_assignment(instance: Instance) -> tuple[float, float, bool, str]:
             own = finish[instance.name] + cost.token_steps * self.speed(instance)
-            if not instance.holds(cost.template_id):
+            if instance.lacks(cost):
+                own += (cost.record_token_steps or 0.0) * self.speed(instance)
+            elif not instance.holds(cost.template_id):
                 own += self.cold_template_s
             makespan = max([own] + [f for name, f in finish.items() if name != instance.name])
             return makespan, own, not instance.holds(cost.template_id), instance.name

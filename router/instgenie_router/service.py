@@ -1,4 +1,4 @@
-"""The router process: gRPC data plane, metrics, health (``instgenie router``).
+"""The router process: gRPC data plane, metrics, health, discovery (``instgenie router``).
 
 Ports given as 0 are picked free. The HTTP port answers ``/v2/health/live`` and
 ``/v2/health/ready`` itself and forwards every other ``/v2`` request
@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
+from .config import RouterConfig
+from .discovery import Discovery, Resolver, resolve_addresses, split_specs
 from .grpc_proxy import _MESSAGE_BYTES, GrpcRouter
 from .http_proxy import forward
 from .instances import Instance, InstancePool
 from .metrics import RouterMetrics
 from .policies import POLICIES
+from .registrations import Registrations
 from .signals import Scraper
 
 __all__ = ["Router", "RouterConfig"]
@@ -29,35 +31,29 @@ __all__ = ["Router", "RouterConfig"]
 log = logging.getLogger("instgenie.router")
 
 
-@dataclass
-class RouterConfig:
-    instances: list[str]
-    policy: str = "mask_aware"
-    host: str = "0.0.0.0"
-    grpc_port: int = 8101
-    http_port: int = 8100
-    metrics_port: int = 8102
-    scrape_interval_s: float = 0.5
-    stale_after_s: float = 3.0
-    max_in_flight: int = 256
-    request_timeout_s: float = 600.0
-
-
 class Router:
-    """The running router: start(), then stop(); a context manager."""
+    """The running router: start(), then stop(); a context manager.
 
-    def __init__(self, config: RouterConfig) -> None:
+    ``resolver``: how ``dns:`` instance names are resolved (tests inject their own).
+    """
+
+    def __init__(self, config: RouterConfig, resolver: Resolver = resolve_addresses) -> None:
         if config.policy not in POLICIES:
             raise ValueError(f"unknown policy {config.policy!r}; one of {sorted(POLICIES)}")
         self.config = config
-        self.pool = InstancePool([Instance.parse(spec) for spec in config.instances], config.stale_after_s)
+        fixed, targets = split_specs(config.instances)
+        self.pool = InstancePool(fixed, config.stale_after_s, allow_empty=bool(targets))
         self.metrics = RouterMetrics(config.policy)
         self.scraper = Scraper(self.pool, interval_s=config.scrape_interval_s, on_change=self._health_changed)
         self.policy = POLICIES[config.policy]()
         self.grpc = GrpcRouter(
             self.pool, self.policy, self.scraper, self.metrics,
             max_in_flight=config.max_in_flight, request_timeout_s=config.request_timeout_s,
+            registrations=Registrations(config.remembered_registrations),
         )  # fmt: skip
+        self.discovery = Discovery(
+            self.pool, targets, resolver, config.discovery_interval_s, on_join=self.scraper.check, on_leave=self._left
+        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_in_flight + 16, thread_name_prefix="instgenie-router-rpc"),
             options=[("grpc.max_send_message_length", _MESSAGE_BYTES), ("grpc.max_receive_message_length", _MESSAGE_BYTES)],
@@ -73,6 +69,7 @@ class Router:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> "Router":
+        self.discovery.start()
         self.scraper.start()
         self._server.start()
         for server in (self._http, self._metrics_http):
@@ -80,7 +77,7 @@ class Router:
             thread.start()
             self._threads.append(thread)
         log.info("router (%s) on grpc %d, http %d, metrics %d over %s", self.config.policy, self.grpc_port,
-                 self.http_port, self.metrics_port, [i.name for i in self.pool.instances])  # fmt: skip
+                 self.http_port, self.metrics_port, [i.name for i in self.pool.snapshot()])  # fmt: skip
         return self
 
     def stop(self, grace_s: float = 5.0) -> None:
@@ -88,6 +85,7 @@ class Router:
         for server in (self._http, self._metrics_http):
             server.shutdown()
             server.server_close()
+        self.discovery.stop()
         self.scraper.stop()
         self.grpc.close()
 
@@ -99,6 +97,12 @@ class Router:
 
     def _health_changed(self, instance: Instance, healthy: bool) -> None:
         self.metrics.count("instgenie_router_ejections_total" if not healthy else "instgenie_router_rejoins_total", instance.name)
+        if healthy:  # it joined, or came back, perhaps without the templates registered meanwhile
+            self.grpc.replay(instance)
+
+    def _left(self, instance: Instance) -> None:
+        self.metrics.count("instgenie_router_departures_total", instance.name)
+        self.grpc.forget(instance)
 
 
 def _handler(router: Router, metrics_only: bool) -> type[BaseHTTPRequestHandler]:

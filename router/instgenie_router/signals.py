@@ -83,7 +83,7 @@ class Scraper:
 
     def refresh(self) -> None:
         """One round over every instance (also what the thread does each interval)."""
-        for instance in self.pool.instances:
+        for instance in self.pool.snapshot():
             self.check(instance)
 
     def check(self, instance: Instance) -> bool:
