@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import instgenie_server
+from instgenie_server import launcher
 from instgenie_server.launcher import (
     ServerStartError,
     TritonServer,
@@ -26,6 +27,7 @@ from instgenie_server.launcher import (
     gauge_sum,
     models_with_parameter,
     render_repository,
+    serve_parameters,
     server_environment,
     set_config_parameters,
 )
@@ -196,6 +198,70 @@ def test_free_port_is_bindable() -> None:
         sock.bind(("127.0.0.1", free_port()))
 
 
+# --- a system Triton install ($INSTGENIE_TRITON_HOME) --------------------------------
+
+# Stands in for an NGC image's /opt/tritonserver/bin/tritonserver: records how it was run.
+FAKE_TRITONSERVER = """\
+#!/bin/sh
+printf '%s\\n' "$@" > "$(dirname "$0")/args"
+env > "$(dirname "$0")/env"
+"""
+
+
+@pytest.fixture
+def triton_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Triton install tree with a recording ``bin/tritonserver``, set as ``$INSTGENIE_TRITON_HOME``;
+    the wheel is made unreachable, so any use of it fails the test."""
+    home = tmp_path / "tritonserver"
+    (home / "bin").mkdir(parents=True)
+    (home / "backends" / "python").mkdir(parents=True)
+    binary = home / "bin" / "tritonserver"
+    binary.write_text(FAKE_TRITONSERVER)
+    binary.chmod(0o755)
+    monkeypatch.setenv("INSTGENIE_TRITON_HOME", str(home))
+
+    def no_wheel() -> Path:
+        raise AssertionError("the nvidia-pytriton wheel was used despite $INSTGENIE_TRITON_HOME")
+
+    monkeypatch.setattr(launcher, "pytriton_dir", no_wheel)
+    return home
+
+
+def test_triton_home_runs_its_own_server_and_backends(
+    triton_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/usr/local/cuda/compat/lib")
+    server = TritonServer(tmp_path / "repo", log_file=tmp_path / "triton.log")
+    server.start()
+    deadline = time.monotonic() + 10
+    while server.alive() and time.monotonic() < deadline:  # the stand-in records and exits
+        time.sleep(0.05)
+    assert server.stop(drain_timeout_s=0) == 0
+    args = (triton_home / "bin" / "args").read_text().splitlines()
+    assert f"--backend-directory={triton_home / 'backends'}" in args
+    assert f"--model-repository={tmp_path / 'repo'}" in args
+    assert f"--grpc-port={server.grpc_port}" in args
+    env = dict(line.split("=", 1) for line in (triton_home / "bin" / "env").read_text().splitlines() if "=" in line)
+    assert env["LD_LIBRARY_PATH"] == "/usr/local/cuda/compat/lib"
+    assert env["PATH"].split(":")[0] == os.path.dirname(sys.executable)
+
+
+def test_triton_home_leaves_library_path_alone(triton_home: Path) -> None:
+    env = server_environment({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/usr/local/cuda/compat/lib:/opt/lib"})
+    assert env["LD_LIBRARY_PATH"] == "/usr/local/cuda/compat/lib:/opt/lib"  # the image's order, compat first
+    assert env["PATH"] == f"{os.path.dirname(sys.executable)}:/usr/bin"  # models still run with this Python
+
+
+def test_triton_home_without_a_server_binary_fails_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INSTGENIE_TRITON_HOME", str(tmp_path))
+    server = TritonServer(tmp_path / "repo")
+    with pytest.raises(FileNotFoundError, match="INSTGENIE_TRITON_HOME=.* has no bin/tritonserver"):
+        server.start()
+    assert server.pid is None and server.log_file is None  # nothing started, no temporary folder made
+
+
 # --- a real server -----------------------------------------------------------------
 
 
@@ -273,6 +339,25 @@ def test_serve_command_sets_run() -> None:
     add_serve_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--max-active", "3"])
     assert callable(args.run) and args.max_active == 3 and args.http_port == 8000
+
+
+def test_serve_sets_cache_parameters_only_where_declared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    for name, keys in (("edit", ("model_dir", "cache_dir", "cache_mode")), ("baseline", ("model_dir",))):
+        (tmp_path / name).mkdir()
+        blocks = "".join(f'parameters {{ key: "{key}" value {{ string_value: "" }} }}\n' for key in keys)
+        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\n{blocks}')
+    monkeypatch.setenv("INSTGENIE_CACHE_DIR", "/var/cache/instgenie")
+    monkeypatch.setenv("INSTGENIE_MODEL", "/models/flux-fill")
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--cache-mode", "kv-bfloat16-unmasked", "--dtype", "bfloat16"])
+    assert args.model == "/models/flux-fill"  # environment-driven, as the container images set it
+    parameters = serve_parameters(args, tmp_path, Path(args.model))
+    common = {"model_dir": "/models/flux-fill", "device": "cpu", "dtype": "bfloat16"}
+    assert parameters["baseline"] == common
+    assert parameters["edit"] == common | {"cache_dir": "/var/cache/instgenie", "cache_mode": "kv-bfloat16-unmasked"}
 
 
 def test_serve_runs_until_sigterm(triton_repository: Path, tmp_path: Path) -> None:

@@ -41,6 +41,20 @@ def _pool(*outstanding: float) -> InstancePool:
     return InstancePool(instances)
 
 
+def test_mask_aware_counts_the_text_tokens_every_request_computes() -> None:
+    pool = _pool(0.0, 0.0)
+    few_large, many_small = pool.instances
+    for instance in pool.instances:  # 128 text tokens per request and step; 1 ms per token-step
+        instance.scraped.update(instgenie_text_tokens=128.0, instgenie_step_duration_seconds_sum=1.0,
+                                instgenie_computed_row_tokens_total=1000.0)  # fmt: skip
+    pool.start(few_large, "a", RequestCost(400.0 * 10, steps=10))  # one edit of 400 masked tokens
+    for key in "bcde":  # four edits of 40 masked tokens: less mask, more text
+        pool.start(many_small, key, RequestCost(40.0 * 10, steps=10))
+    assert few_large.outstanding_text_steps() == 128 * 10
+    # Masked tokens alone say 4000 vs 1600 token-steps; with the text, 5280 vs 6720.
+    assert MaskAware().choose(pool.instances, RequestCost(400.0, steps=10), 5.0) is few_large
+
+
 def test_instance_spec_defaults_to_tritons_port_layout() -> None:
     instance = Instance.parse("node-1:8001")
     assert (instance.grpc_port, instance.http_port, instance.metrics_port) == (8001, 8000, 8002)
@@ -186,6 +200,7 @@ def test_request_inspection_counts_mask_tokens_and_steps() -> None:
     info = inspect(request)
     assert info.action == "edit" and info.template_id == "tpl-1"
     assert info.cost.token_steps == token_indices(np.asarray(mask) > 127, 16).numel() * 5  # the engine's count x steps
+    assert info.cost.steps == 5
 
 
 # -- three real instances behind the router ------------------------------------------------

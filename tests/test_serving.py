@@ -12,7 +12,7 @@ import pytest
 import tritonclient.http as httpclient
 from PIL import Image
 
-from conftest import SERVER_MAX_WAITING, png, rect_mask, template_image
+from conftest import SERVER_MAX_WAITING, TEXT_LEN, png, rect_mask, template_image
 from serving_calls import Stream, metric, metrics, tensor
 
 LONG_STEPS = 40  # a tiny-model step is ~10-20 ms: long enough to overlap with
@@ -288,8 +288,10 @@ def test_metrics_are_labelled_and_move(triton_server, url: str, templates: dict[
     after = metrics(triton_server.metrics_url)
     labels = {"model": "instgenie_edit", "version": "1", "instance": "instgenie_edit_0_0"}
     for name in ("instgenie_steps_total", "instgenie_requests_completed_total", "instgenie_step_duration_seconds_count",
-                 "instgenie_request_duration_seconds_count", "instgenie_time_to_first_step_seconds_count"):
+                 "instgenie_request_duration_seconds_count", "instgenie_time_to_first_step_seconds_count",
+                 "instgenie_request_steps_total"):
         assert metric(after, name, **labels) > metric(before, name, **labels), name
+    assert metric(after, "instgenie_text_tokens", **labels) == TEXT_LEN  # the router adds these to every request's cost
     assert metric(after, "instgenie_template_cache_lookups_total", result="hit") > metric(before, "instgenie_template_cache_lookups_total", result="hit")
     assert metric(after, "instgenie_template_cache_lookups_total", result="miss") > metric(before, "instgenie_template_cache_lookups_total", result="miss")
     assert metric(after, "instgenie_errors_total", reason="unknown_template") >= 1

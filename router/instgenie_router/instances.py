@@ -31,6 +31,7 @@ class RequestCost:
 
     token_steps: float
     template_id: str | None = None
+    steps: int = 1  # denoising steps (each also computes the instance's text tokens)
     # Token-steps of recording the template, when the router holds its registration
     # (and so can replay it on an instance that lacks it).
     record_token_steps: float | None = None
@@ -91,10 +92,19 @@ class Instance:
 
     # -- load ------------------------------------------------------------------------------
     def outstanding(self, now: float, stale_after_s: float) -> float:
-        """Token-steps this instance still has to run, by the better of the two sources."""
+        """Masked token-steps this instance still has to run, by the better of the two sources."""
         own = sum(cost.token_steps for cost in self.in_flight.values())
         scraped = self.scraped_token_steps if now - self.scraped_at <= stale_after_s else 0.0
         return max(own, scraped)
+
+    @property
+    def text_tokens(self) -> float:
+        """Text tokens each request computes per step here (the instance's scraped gauge; 0 unknown)."""
+        return self.scraped.get("instgenie_text_tokens", 0.0)
+
+    def outstanding_text_steps(self) -> float:
+        """Text token-steps of the requests the router has running here (the gauge counts none)."""
+        return self.text_tokens * sum(cost.steps for cost in self.in_flight.values())
 
     def holds(self, template_id: str | None) -> bool:
         """Whether the template was routed here recently (its cache likely in host memory)."""

@@ -1,8 +1,9 @@
 """Which instance serves a request: ``round_robin``, ``least_requests``, ``mask_aware``.
 
 ``mask_aware`` (the default) predicts each instance's finish time: its outstanding
-token-steps plus the new request's, at the instance's measured seconds per
-token-step, plus the cost of bringing the request's template cache in: none when
+token-steps plus the new request's (masked tokens, and the text tokens every request
+computes at each step, which make even a tiny mask cost something), at the
+instance's measured seconds per token-step, plus the cost of bringing the request's template cache in: none when
 the template was routed there recently and so sits in its host tier, a disk load
 when it was not, and a recording (the registration's token-steps) when the
 instance is known to lack it. It picks the instance that minimises the largest finish time over all
@@ -78,17 +79,21 @@ class MaskAware:
         self.cold_template_s = cold_template_s
 
     def speed(self, instance: Instance) -> float:
-        """Seconds per token-step, from the instance's counters when it has run any."""
+        """Seconds per token-step, from the instance's counters when it has run any:
+        step time over the masked and text tokens its steps computed."""
         steps_s = instance.scraped.get("instgenie_step_duration_seconds_sum", 0.0)
         tokens = instance.scraped.get("instgenie_computed_row_tokens_total", 0.0)
+        tokens += instance.text_tokens * instance.scraped.get("instgenie_request_steps_total", 0.0)
         return steps_s / tokens if tokens > 0 and steps_s > 0 else self.seconds_per_token_step
 
     def choose(self, candidates: Sequence[Instance], cost: RequestCost, stale_after_s: float) -> Instance:
         now = time.monotonic()
-        finish = {i.name: i.outstanding(now, stale_after_s) * self.speed(i) for i in candidates}
+        finish = {
+            i.name: (i.outstanding(now, stale_after_s) + i.outstanding_text_steps()) * self.speed(i) for i in candidates
+        }
 
         def after_assignment(instance: Instance) -> tuple[float, float, bool, str]:
-            own = finish[instance.name] + cost.token_steps * self.speed(instance)
+            own = finish[instance.name] + (cost.token_steps + instance.text_tokens * cost.steps) * self.speed(instance)
             if instance.lacks(cost):
                 own += (cost.record_token_steps or 0.0) * self.speed(instance)
             elif not instance.holds(cost.template_id):

@@ -61,7 +61,8 @@ def _facts(values: dict[str, bytes], default_steps: int) -> EditRequestInfo:
     if action == "register" or (template_id is None and values.get("IMAGE")):
         image = values.get("IMAGE")
         tokens = _image_tokens(image) if isinstance(image, bytes) else tokens
-    return EditRequestInfo(action, template_id, RequestCost(float(max(tokens, 1) * max(step_count, 1)), template_id))
+    steps = max(step_count, 1)
+    return EditRequestInfo(action, template_id, RequestCost(float(max(tokens, 1) * steps), template_id, steps))
 
 
 def _inputs(request: object) -> dict[str, bytes]:

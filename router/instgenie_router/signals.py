@@ -29,6 +29,8 @@ SCRAPED_SERIES = (
     "instgenie_masked_tokens",
     "instgenie_step_duration_seconds_sum",
     "instgenie_computed_row_tokens_total",
+    "instgenie_text_tokens",
+    "instgenie_request_steps_total",
     "instgenie_cache_host_bytes",
     "instgenie_gpu_utilization_ratio",
     "instgenie_gpu_memory_used_bytes",

@@ -1,8 +1,10 @@
 """Run a real ``tritonserver`` from the files of the installed ``nvidia-pytriton`` wheel.
 
 Only the wheel's files are used (server binary, Python backend, backend stubs, shared
-libraries), never PyTriton's Python API. This module imports neither Triton's Python
-packages nor torch, so it is cheap to import from a CLI.
+libraries), never PyTriton's Python API. Where Triton is installed already (the NGC
+``tritonserver`` images: ``/opt/tritonserver``), ``$INSTGENIE_TRITON_HOME`` points at
+that tree and the wheel is not needed at all (:func:`system_triton_home`). This module
+imports neither Triton's Python packages nor torch, so it is cheap to import from a CLI.
 
 Shutdown order (see docs on Triton 2.51 pitfalls): drain on our own metrics, SIGTERM,
 then SIGKILL of the whole process group, then remove the shared-memory regions a killed
@@ -67,6 +69,23 @@ def pytriton_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
+def system_triton_home() -> Path | None:
+    """``$INSTGENIE_TRITON_HOME``: a Triton install tree to run instead of the wheel's; ``None`` if unset.
+
+    The tree holds ``bin/tritonserver`` and ``backends/python/`` (with a stub built for
+    its own Python), as ``/opt/tritonserver`` in ``nvcr.io/nvidia/tritonserver:<tag>-py3``.
+
+    Raises:
+        FileNotFoundError: the variable is set but ``bin/tritonserver`` is not in that folder.
+    """
+    home = os.environ.get("INSTGENIE_TRITON_HOME")
+    if not home:
+        return None
+    if not (Path(home) / "bin" / "tritonserver").is_file():
+        raise FileNotFoundError(f"INSTGENIE_TRITON_HOME={home} has no bin/tritonserver")
+    return Path(home)
+
+
 def triton_dir() -> Path:
     """The wheel's Triton tree: ``bin/tritonserver``, ``backends/python``, ``python_backend_stubs``."""
     return pytriton_dir() / "tritonserver"
@@ -113,11 +132,15 @@ def server_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
     ``LIBDIR`` follows the wheel's libraries because without it the stub can load a
     different libpython than this interpreter's; the interpreter's folder leads ``PATH``
-    so the stub runs models with this venv's packages without activating it.
+    so the stub runs models with this venv's packages without activating it. With
+    :func:`system_triton_home` set only ``PATH`` changes.
     """
     env = dict(os.environ if base is None else base)
-    library_dirs = [str(triton_libs_dir()), sysconfig.get_config_var("LIBDIR") or ""]
-    env["LD_LIBRARY_PATH"] = _join_path(library_dirs, env.get("LD_LIBRARY_PATH", ""))
+    # A system install's stub links the image's own libpython, and its LD_LIBRARY_PATH
+    # (CUDA compat libraries first) must stay as the image set it.
+    if system_triton_home() is None:
+        library_dirs = [str(triton_libs_dir()), sysconfig.get_config_var("LIBDIR") or ""]
+        env["LD_LIBRARY_PATH"] = _join_path(library_dirs, env.get("LD_LIBRARY_PATH", ""))
     # dirname of sys.executable, not its resolved target: the venv's bin, not the base Python's.
     env["PATH"] = _join_path([os.path.dirname(sys.executable)], env.get("PATH", ""))
     return env
@@ -356,8 +379,9 @@ class TritonServer:
 
     def command(self, backend_dir: Path) -> list[str]:
         """The ``tritonserver`` command line, with Python backend files under ``backend_dir``."""
+        home = system_triton_home()
         args = [
-            str(triton_dir() / "bin" / "tritonserver"),
+            str((home if home is not None else triton_dir()) / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             # Our configs are complete; auto-complete costs ~1.5 s of startup per server.
             "--disable-auto-complete-config",
@@ -384,18 +408,20 @@ class TritonServer:
             RuntimeError: already started.
             ServerStartError: a port is already taken (a foreign server would otherwise
                 answer our readiness checks).
+            FileNotFoundError: ``$INSTGENIE_TRITON_HOME`` has no ``bin/tritonserver``.
         """
         if self._process is not None:
             raise RuntimeError("server already started")
         busy = [port for port in (self.http_port, self.grpc_port, self.metrics_port) if _port_in_use(self.host, port)]
         if busy:
             raise ServerStartError(f"port(s) {busy} already in use on {self.host}")
+        home = system_triton_home()  # a wrong $INSTGENIE_TRITON_HOME fails before anything is made
         self._workdir = tempfile.TemporaryDirectory(prefix="instgenie-triton-")
         workdir = Path(self._workdir.name)
         if self._log_file is None:
             self._log_file = workdir / "tritonserver.log"
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
-        command = self.command(backend_directory(workdir / "backends"))
+        command = self.command(home / "backends" if home is not None else backend_directory(workdir / "backends"))
         logger.info("starting %s", " ".join(command))
         with self._log_file.open("ab") as log:
             # A new session: terminal Ctrl-C reaches only us (we drain first), and the
@@ -557,6 +583,8 @@ class TritonServer:
 
 #: ``serve`` options forwarded as config parameters to every model that declares ``model_dir``.
 _FORWARDED = ("model_dir", "device", "dtype", "max_active", "max_waiting", "max_sequence_length")
+# Set only on the models that declare them (the edit model's activation cache).
+_FORWARDED_WHERE_DECLARED = ("cache_dir", "cache_mode", "cache_budget_bytes", "cost_model")
 
 
 def default_model_repository() -> Path:
@@ -599,6 +627,19 @@ def _raise_stop(signum: int, _frame: object) -> None:
     raise _StopRequested(signal.Signals(signum).name)
 
 
+def serve_parameters(args: argparse.Namespace, repository: Path, model: Path) -> dict[str, dict[str, str]]:
+    """The config parameters ``serve`` sets, per model of ``repository``, from its arguments."""
+    values = {"model_dir": str(model.resolve())} | {
+        key: str(getattr(args, key)) for key in _FORWARDED[1:] if getattr(args, key) is not None
+    }
+    parameters = {name: dict(values) for name in models_with_parameter(repository, "model_dir")}
+    for key in _FORWARDED_WHERE_DECLARED:
+        if getattr(args, key) is not None:
+            for name in models_with_parameter(repository, key):
+                parameters.setdefault(name, {})[key] = str(getattr(args, key))
+    return parameters
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM (exit 0 after a clean stop) or until it dies (exit 1)."""
     previous = {sig: signal.signal(sig, _raise_stop) for sig in _STOP_SIGNALS}
@@ -617,13 +658,8 @@ def _run_server(args: argparse.Namespace) -> int:
     if not model.is_dir():
         raise FileNotFoundError(f"model folder {model} does not exist")
     source = Path(args.model_repository) if args.model_repository else default_model_repository()
-    values = {"model_dir": str(model.resolve())} | {
-        key: str(getattr(args, key)) for key in _FORWARDED[1:] if getattr(args, key) is not None
-    }
     with tempfile.TemporaryDirectory(prefix="instgenie-repo-") as rendered:
-        repository = render_repository(
-            source, Path(rendered) / "models", {name: values for name in models_with_parameter(source, "model_dir")}
-        )
+        repository = render_repository(source, Path(rendered) / "models", serve_parameters(args, source, model))
         server = TritonServer(
             repository,
             http_port=_port_arg(args.http_port),
@@ -648,7 +684,11 @@ def _run_server(args: argparse.Namespace) -> int:
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``serve`` command to ``subparsers``; it sets ``run`` to a ``(args) -> exit code`` callable."""
     serve = subparsers.add_parser("serve", help="run Triton Inference Server with the InstGenIE models")
-    serve.add_argument("--model", help="diffusers pipeline folder (default: build/reuse ./models/flux-fill-tiny)")
+    serve.add_argument(
+        "--model",
+        default=os.environ.get("INSTGENIE_MODEL") or None,
+        help="diffusers pipeline folder (default: $INSTGENIE_MODEL, else build/reuse ./models/flux-fill-tiny)",
+    )
     serve.add_argument(
         "--model-repository",
         help="Triton model repository to serve (default: $INSTGENIE_MODEL_REPOSITORY or the source tree's model_repository/)",
@@ -662,6 +702,18 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     serve.add_argument("--max-active", type=int, help="requests in the step loop at once (default: model config)")
     serve.add_argument("--max-waiting", type=int, help="queued requests before refusing (default: model config)")
     serve.add_argument("--max-sequence-length", type=int, help="text tokens (default: model config)")
+    serve.add_argument(
+        "--cache-dir",
+        default=os.environ.get("INSTGENIE_CACHE_DIR") or None,
+        help="disk tier of the template caches, one per instance (default: $INSTGENIE_CACHE_DIR, else host memory only)",
+    )
+    serve.add_argument("--cache-mode", help="cache storage mode, e.g. kv-bfloat16-unmasked (default: model config)")
+    serve.add_argument("--cache-budget-bytes", type=int, help="host-memory tier budget (default: model config)")
+    serve.add_argument(
+        "--cost-model",
+        default=os.environ.get("INSTGENIE_COST_MODEL") or None,
+        help="costs.json from `instgenie profile` (default: $INSTGENIE_COST_MODEL, else load every cached block)",
+    )
     serve.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
     serve.add_argument("--drain-timeout", type=float, default=60.0, help="seconds running requests get on shutdown")

@@ -34,7 +34,7 @@ _GAUGES = {
 class TritonLoopMetrics(LoopObserver):
     """A :class:`~instgenie.step_loop.LoopObserver` writing Triton custom metrics."""
 
-    def __init__(self, pb_utils: Any, labels: dict[str, str]) -> None:
+    def __init__(self, pb_utils: Any, labels: dict[str, str], text_tokens: int | None = None) -> None:
         self._pb = pb_utils
         self._labels = dict(labels)
         self._families: list[Any] = []  # a Metric dies with its MetricFamily: keep them alive
@@ -55,7 +55,14 @@ class TritonLoopMetrics(LoopObserver):
             JOIN_BUCKETS_STEPS,
         )
         self._steps = self._metric("instgenie_steps_total", "Batched denoising steps run", kinds.COUNTER)
+        if text_tokens is not None:  # a constant, for the router's per-request cost
+            self._text_tokens = self._metric(
+                "instgenie_text_tokens", "Text tokens each request row computes besides its masked image tokens", kinds.GAUGE
+            ).set(float(text_tokens))
         self._row_tokens = self._metric("instgenie_computed_row_tokens_total", "Row-tokens computed by all steps", kinds.COUNTER)
+        self._request_steps = self._metric(
+            "instgenie_request_steps_total", "Requests stepped, summed over steps (batch sizes)", kinds.COUNTER
+        )
         self._completed = self._metric("instgenie_requests_completed_total", "Requests that finished with a result", kinds.COUNTER)
         self._cancellations = self._metric("instgenie_cancellations_total", "Requests cancelled by their client", kinds.COUNTER)
         lookups = self._family(
@@ -89,6 +96,7 @@ class TritonLoopMetrics(LoopObserver):
         self._step_seconds.observe(duration_s)
         self._steps.increment(1)
         self._row_tokens.increment(float(row_tokens))
+        self._request_steps.increment(float(batch_size))
 
     def joined(self, steps_waited: int) -> None:
         self._join_wait_steps.observe(float(steps_waited))

@@ -42,7 +42,7 @@ class TritonPythonModel:
                 )
             )
         labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
-        self.metrics = TritonLoopMetrics(pb_utils, labels)
+        self.metrics = TritonLoopMetrics(pb_utils, labels, text_tokens=self.params.max_sequence_length)
         self.cache_metrics = CacheMetrics(pb_utils, labels, self.engine.store)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
         self.loop = StepLoop(
