@@ -82,6 +82,19 @@ def test_mask_aware_prefers_the_instance_holding_the_template_when_costs_tie() -
     assert MaskAware().choose(pool.instances, RequestCost(100.0, "tpl-x"), 5.0) is pool.instances[2]
 
 
+def test_a_fresh_scrape_stands_for_the_requests_it_already_shows() -> None:
+    pool = _pool(0.0)
+    (instance,) = pool.instances
+    pool.start(instance, "old", RequestCost(10_000.0))
+    instance.sent_at["old"] -= 5.0  # sent well before the scrape below
+    instance.scraped_token_steps, instance.scraped_at = 1_000.0, time.monotonic()  # it has run most of it
+    assert instance.outstanding(time.monotonic(), 3.0) == 1_000.0
+    pool.start(instance, "new", RequestCost(500.0))  # sent after the scrape: not in the gauge yet
+    assert instance.outstanding(time.monotonic(), 3.0) == 1_500.0
+    instance.scraped_at -= 60  # stale: the router's own count alone
+    assert instance.outstanding(time.monotonic(), 3.0) == 10_500.0
+
+
 def test_stale_or_zero_counters_do_not_attract_every_request() -> None:
     pool = _pool(0.0, 0.0)
     first, second = pool.instances
@@ -377,6 +390,37 @@ def test_plain_tritonclient_sees_the_router_as_a_triton_server(router: Router) -
         assert response.status == 200
     text = urllib.request.urlopen(f"http://127.0.0.1:{router.metrics_port}/metrics", timeout=5).read().decode()
     assert "instgenie_router_decision_seconds_count" in text
+
+
+def test_perf_analyzer_measures_the_fleet_through_the_router(router: Router, tmp_path: Path) -> None:
+    """Triton's own load generator, unchanged, against the router (decoupled model: gRPC streaming)."""
+    import importlib.util
+    import subprocess
+
+    folder = Path(__file__).resolve().parents[1] / "bench" / "perf_analyzer"
+    modules = {}
+    for name in ("fetch", "prepare"):
+        spec = importlib.util.spec_from_file_location(f"perf_analyzer_{name}", folder / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    try:
+        binary = modules["fetch"].fetch()
+    except RuntimeError as exc:  # the 2.41.1 wheel comes from PyPI
+        pytest.skip(f"perf_analyzer is not available here: {exc}")
+    url = f"127.0.0.1:{router.grpc_port}"
+    prepared = ["--url", url, "--size", "128", "--steps", str(STEPS), "--entries", "6", "--out-dir", str(tmp_path)]
+    assert modules["prepare"].main(prepared) == 0  # registers its templates through the router
+    before = _routed(router)
+    command = [str(binary), "-m", "instgenie_edit", "-i", "grpc", "--streaming", "-u", url,
+               "--input-data", str(tmp_path / "edit.json"), "--concurrency-range", "3",
+               "--measurement-mode", "count_windows", "--measurement-request-count", "6",
+               "--stability-percentage", "500", "--max-trials", "5"]  # fmt: skip
+    run = subprocess.run(command, env=modules["fetch"].environment(binary), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Throughput:" in run.stdout and "infer/sec" in run.stdout
+    spread = {name: count - before[name] for name, count in _routed(router).items()}
+    assert sum(spread.values()) >= 6 and sum(1 for count in spread.values() if count > 0) >= 2, spread
 
 
 def test_http_clients_work_through_the_router(router: Router, instances) -> None:  # type: ignore[no-untyped-def]

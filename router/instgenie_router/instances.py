@@ -1,12 +1,14 @@
 """What the router knows of each Triton instance, and of the work it sent there.
 
 Two sources of load, combined so neither alone misleads: the instance's own
-``instgenie_outstanding_token_steps`` gauge (everything it is running, scraped on an
-interval, so it lags and may be stale), and the router's bookkeeping of the work it
-dispatched and has not seen finish (exact for its own traffic, blind to others').
-The estimate is the larger of the two, with a stale scrape ignored: an instance whose
-counters are old or zero is not mistaken for an idle one while the router itself has
-work running there.
+``instgenie_outstanding_token_steps`` gauge (the *remaining* work of everything it
+runs, scraped on an interval, so it lags and may be stale), and the router's
+bookkeeping of the work it dispatched and has not seen finish (whole requests, so it
+overstates requests near their end, and blind to other routers' traffic). The
+estimate is the fresh scrape plus what the router sent since that scrape was taken
+(requests the gauge cannot show yet); with a stale or missing scrape, the router's own
+count alone. So an instance whose counters are old or zero is not mistaken for an idle
+one while the router has work running there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from dataclasses import dataclass, field
 __all__ = ["Instance", "InstancePool", "RequestCost"]
 
 _AFFINITY_TEMPLATES = 64  # templates per instance assumed resident in its host memory
+# A request sent this long before a scrape may still be in transit or being prepared
+# (not in the instance's gauge yet): it is counted on top of that scrape.
+SCRAPE_LAG_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Instance:
     scraped: dict[str, float] = field(default_factory=dict)
     # The router's own bookkeeping.
     in_flight: dict[str, RequestCost] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)  # monotonic time each in-flight request was booked
     templates: OrderedDict[str, None] = field(default_factory=OrderedDict)
     registered: set[str] = field(default_factory=set)  # templates it is known to hold (on disk or in memory)
 
@@ -92,10 +98,12 @@ class Instance:
 
     # -- load ------------------------------------------------------------------------------
     def outstanding(self, now: float, stale_after_s: float) -> float:
-        """Masked token-steps this instance still has to run, by the better of the two sources."""
-        own = sum(cost.token_steps for cost in self.in_flight.values())
-        scraped = self.scraped_token_steps if now - self.scraped_at <= stale_after_s else 0.0
-        return max(own, scraped)
+        """Masked token-steps this instance still has to run (see the module doc)."""
+        if now - self.scraped_at > stale_after_s:
+            return sum(cost.token_steps for cost in self.in_flight.values())
+        since = self.scraped_at - SCRAPE_LAG_S
+        unseen = sum(cost.token_steps for key, cost in self.in_flight.items() if self.sent_at.get(key, now) >= since)
+        return self.scraped_token_steps + unseen
 
     @property
     def text_tokens(self) -> float:
@@ -173,11 +181,13 @@ class InstancePool:
         """:meth:`start` for a caller that holds ``lock`` (choosing and booking in one step,
         so concurrent choices see each other)."""
         instance.in_flight[request_key] = cost
+        instance.sent_at[request_key] = time.monotonic()
         instance.remember(cost.template_id)
 
     def finish(self, instance: Instance, request_key: str) -> None:
         with self.lock:
             instance.in_flight.pop(request_key, None)
+            instance.sent_at.pop(request_key, None)
 
     def mark(self, instance: Instance, healthy: bool) -> bool:
         """Set an instance's health; returns whether it changed."""
