@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine bench-serving bench-cadence bench-cache clean
+.PHONY: install test demo bench-engine bench-serving bench-cadence bench-cache bench-routing clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-cadence: $(STAMP)
 
 bench-cache: $(STAMP)
 	$(PY) bench/cache.py --json out/cache.json --repeats 5
+
+bench-routing: $(STAMP)
+	$(PY) bench/routing.py --requests 40 --rounds 6 --json out/routing.json
 
 clean:
 	rm -rf $(VENV) out models
