@@ -28,7 +28,7 @@ from instgenie_client import (
 from instgenie_server.launcher import gauge_sum
 
 STEPS = 3
-LONG_STEPS = 60  # long enough to interrupt: a full-mask step takes milliseconds here
+LONG_STEPS = 100  # long enough to interrupt on a loaded machine: a full-mask step takes milliseconds here
 PROMPT = "a photo"
 TEMPLATE_PNG = png(template_image(21))
 MASK_PNG = png(rect_mask(0.25, seed=21))

@@ -22,7 +22,7 @@ from instgenie_client.http_client import SseInstGenIEClient
 from instgenie.cli import build_parser
 from instgenie_router.discovery import Discovery, DnsTarget, resolve_addresses
 from instgenie_router.instances import Instance, InstancePool, RequestCost
-from instgenie_router.policies import LeastRequests, MaskAware, RoundRobin
+from instgenie_router.policies import SPEED_SPREAD, LeastRequests, MaskAware, RoundRobin
 from instgenie_router.requests import inspect
 from instgenie_router.service import Router, RouterConfig
 from instgenie_router.signals import parse_metrics
@@ -93,6 +93,21 @@ def test_a_fresh_scrape_stands_for_the_requests_it_already_shows() -> None:
     assert instance.outstanding(time.monotonic(), 3.0) == 1_500.0
     instance.scraped_at -= 60  # stale: the router's own count alone
     assert instance.outstanding(time.monotonic(), 3.0) == 10_500.0
+
+
+def test_a_past_of_large_batches_does_not_make_an_instance_attract_every_request() -> None:
+    pool = _pool(0.0, 0.0)
+    batched, fresh = pool.instances
+    batched.scraped.update(instgenie_step_duration_seconds_sum=10.0, instgenie_computed_row_tokens_total=1e6)  # 10 us
+    fresh.scraped.update(instgenie_step_duration_seconds_sum=1.0, instgenie_computed_row_tokens_total=1e4)  # 100 us
+    policy = MaskAware()
+    assert policy.speed(fresh, pool.instances) / policy.speed(batched, pool.instances) <= SPEED_SPREAD**2
+    picks = []
+    for key in range(6):
+        chosen = policy.choose(pool.instances, RequestCost(1000.0), 5.0)
+        pool.start(chosen, str(key), RequestCost(1000.0))
+        picks.append(chosen.name)
+    assert picks.count(fresh.name) >= 2, picks  # unclamped, all six would go to ``batched``
 
 
 def test_stale_or_zero_counters_do_not_attract_every_request() -> None:
@@ -460,7 +475,7 @@ def test_policies_spread_a_large_edit_and_small_ones_their_own_way(instances, po
     config = RouterConfig(_specs([first, second]), policy=policy, host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0)
     with Router(config) as router:
         client = InstGenIEClient(f"127.0.0.1:{router.grpc_port}", timeout_s=120)
-        template_id = client.register_template(png(template_image(36)), "a hall", seed=3, steps=40)
+        template_id = client.register_template(png(template_image(36)), "a hall", seed=3, steps=100)
         start = _routed(router)
         large = client.submit(png(rect_mask(0.9, seed=36)), "a crowd", template_id=template_id)
         assert next(iter(large.progress)).step >= 1

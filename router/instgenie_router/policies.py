@@ -21,6 +21,11 @@ from typing import Protocol, Sequence
 
 from .instances import Instance, RequestCost
 
+# An instance's measured speed is a lifetime average, which a past of large batches
+# makes look faster per token than the next request will run; it may move that
+# instance's estimate at most this factor off the fleet's average.
+SPEED_SPREAD = 1.25
+
 __all__ = ["POLICIES", "Policy", "RoundRobin", "LeastRequests", "MaskAware"]
 
 
@@ -78,24 +83,37 @@ class MaskAware:
         self.seconds_per_token_step = seconds_per_token_step
         self.cold_template_s = cold_template_s
 
-    def speed(self, instance: Instance) -> float:
-        """Seconds per token-step, from the instance's counters when it has run any:
-        step time over the masked and text tokens its steps computed."""
-        steps_s = instance.scraped.get("instgenie_step_duration_seconds_sum", 0.0)
+    def speed(self, instance: Instance, fleet: Sequence[Instance] = ()) -> float:
+        """Seconds per token-step, from the instance's counters when it has run any (step
+        time over the masked and text tokens its steps computed), kept within
+        :data:`SPEED_SPREAD` of the ``fleet``'s."""
+        steps_s, tokens = self._work(instance)
+        own = steps_s / tokens if tokens > 0 and steps_s > 0 else self.seconds_per_token_step
+        totals = [self._work(i) for i in fleet]
+        fleet_s, fleet_tokens = sum(t[0] for t in totals), sum(t[1] for t in totals)
+        if fleet_s <= 0 or fleet_tokens <= 0:
+            return own
+        average = fleet_s / fleet_tokens
+        return min(max(own, average / SPEED_SPREAD), average * SPEED_SPREAD)
+
+    @staticmethod
+    def _work(instance: Instance) -> tuple[float, float]:
+        """(step seconds, token-steps) the instance has run."""
         tokens = instance.scraped.get("instgenie_computed_row_tokens_total", 0.0)
         tokens += instance.text_tokens * instance.scraped.get("instgenie_request_steps_total", 0.0)
-        return steps_s / tokens if tokens > 0 and steps_s > 0 else self.seconds_per_token_step
+        return instance.scraped.get("instgenie_step_duration_seconds_sum", 0.0), tokens
 
     def choose(self, candidates: Sequence[Instance], cost: RequestCost, stale_after_s: float) -> Instance:
         now = time.monotonic()
+        speed = {i.name: self.speed(i, candidates) for i in candidates}
         finish = {
-            i.name: (i.outstanding(now, stale_after_s) + i.outstanding_text_steps()) * self.speed(i) for i in candidates
+            i.name: (i.outstanding(now, stale_after_s) + i.outstanding_text_steps()) * speed[i.name] for i in candidates
         }
 
         def after_assignment(instance: Instance) -> tuple[float, float, bool, str]:
-            own = finish[instance.name] + (cost.token_steps + instance.text_tokens * cost.steps) * self.speed(instance)
+            own = finish[instance.name] + (cost.token_steps + instance.text_tokens * cost.steps) * speed[instance.name]
             if instance.lacks(cost):
-                own += (cost.record_token_steps or 0.0) * self.speed(instance)
+                own += (cost.record_token_steps or 0.0) * speed[instance.name]
             elif not instance.holds(cost.template_id):
                 own += self.cold_template_s
             makespan = max([own] + [f for name, f in finish.items() if name != instance.name])
