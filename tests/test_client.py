@@ -219,6 +219,9 @@ def test_cli_ctrl_c_cancels_the_request_on_the_server(triton_server, long_templa
         cli("edit", "--url", triton_server.grpc_url, "--template-id", long_template_id, "--mask", str(files / "full.png"),
             "--prompt", "x", "-o", str(files / "never.png")),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell's background job starts with SIGINT ignored, and Python keeps it so: a
+        # terminal's Ctrl-C, which this test plays, reaches a foreground CLI.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         wait_for_metric(triton_server, "instgenie_active_requests", lambda v: v >= 1, timeout_s=60)
