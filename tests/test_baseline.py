@@ -120,8 +120,13 @@ def test_bad_requests_fail_alone(baselines: dict[str, BaselinePipeline]) -> None
         "register": "invalid_input",
         "also-good": "ok",
     }
-    # The survivors ran as if the bad ones had never been there.
-    assert results[0].png == baseline.run([good])[0].png
+    # The survivors ran as if the bad ones had never been there: bit-exact against the same
+    # batch without them (identical call shapes). Against a solo run only up to
+    # batched-kernel rounding: CPU GEMMs are not batch-invariant (blocking depends on the
+    # batch size and the ISA), the bound of test_batched_requests_get_what_they_get_alone.
+    clean = baseline.run([good, requests[-1]])
+    assert [results[0].png, results[-1].png] == [outcome.png for outcome in clean]
+    assert int(np.abs(pixels(results[0].png) - pixels(baseline.run([good])[0].png)).max()) <= 2
 
 
 def test_template_id_is_refused(baselines: dict[str, BaselinePipeline]) -> None:

@@ -25,6 +25,8 @@ from instgenie.errors import CacheBudgetExceeded, CacheCorrupt, CacheWriteFailed
 from instgenie.scheduler import FcfsScheduler, SchedulerConfig
 from instgenie.step_loop import EditRequest, JobOutcome, StepLoop
 
+TPL = "tpl-" + "0" * 20  # a template id of the one accepted form
+
 STEPS = 3
 BF16_TOLERANCE = 0.05  # max |latent difference| of an edit equal to its template, bf16 K/V (tiny models)
 
@@ -118,22 +120,22 @@ def test_other_model_never_reads_the_cache(engines: dict, tmp_path: Path) -> Non
 def _disk_with_one_template(tmp_path: Path) -> tuple[DiskTier, dict[str, torch.Tensor]]:
     disk = DiskTier(tmp_path, "kv-float32-all", "model")
     tensors = {"k.0.0": torch.randn(4, 8), "v.0.0": torch.randn(4, 8)}
-    disk.write("tpl", {"x": torch.arange(3)}, {"a": "b"}, [(0, tensors), (1, tensors)])
+    disk.write(TPL, {"x": torch.arange(3)}, {"a": "b"}, [(0, tensors), (1, tensors)])
     return disk, tensors
 
 
 def test_disk_round_trip_is_exact(tmp_path: Path) -> None:
     disk, tensors = _disk_with_one_template(tmp_path)
-    loaded = disk.read_step("tpl", 1)
+    loaded = disk.read_step(TPL, 1)
     assert all(torch.equal(loaded[name], tensors[name]) for name in tensors)
-    meta, info = disk.read_meta("tpl")
+    meta, info = disk.read_meta(TPL)
     assert torch.equal(meta["x"], torch.arange(3)) and info == {"a": "b"}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
 def test_damaged_files_are_detected(tmp_path: Path, damage: str) -> None:
     disk, _ = _disk_with_one_template(tmp_path)
-    path = disk.folder / "tpl" / step_file(1)
+    path = disk.folder / TPL / step_file(1)
     if damage == "flip":
         data = bytearray(path.read_bytes())
         data[-3] ^= 0x40
@@ -143,9 +145,46 @@ def test_damaged_files_are_detected(tmp_path: Path, damage: str) -> None:
     elif damage == "delete":
         path.unlink()
     else:
-        (disk.folder / "tpl" / "manifest.json").write_text("{not json")
+        (disk.folder / TPL / "manifest.json").write_text("{not json")
     with pytest.raises(CacheCorrupt):
-        disk.read_step("tpl", 1)
+        disk.read_step(TPL, 1)
+
+
+@pytest.mark.parametrize("template_id", ["../outside", "/etc", "tpl-../../x", "TPL-" + "0" * 20, "tpl-" + "0" * 19, ""])
+def test_the_disk_tier_takes_only_template_ids(tmp_path: Path, template_id: str) -> None:
+    disk, _ = _disk_with_one_template(tmp_path / "cache")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "manifest.json").write_text("{}")
+    assert not disk.has(template_id)
+    for touch in (lambda: disk.read_step(template_id, 0), lambda: disk.manifest(template_id), lambda: disk.template_dir(template_id)):
+        with pytest.raises(UnknownTemplate) as info:
+            touch()
+        assert str(tmp_path) not in str(info.value)  # no server path in what a client is told
+    disk.delete(template_id)  # refused quietly
+    assert (tmp_path / "outside" / "manifest.json").is_file() and disk.has(TPL)
+
+
+def test_links_planted_in_the_cache_folder_are_refused_never_followed_or_deleted(tmp_path: Path) -> None:
+    disk, _ = _disk_with_one_template(tmp_path / "cache")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("manifest.json", step_file(0)):
+        (outside / name).write_bytes((disk.folder / TPL / name).read_bytes())
+    linked_folder = "tpl-" + "1" * 20
+    (disk.folder / linked_folder).symlink_to(outside, target_is_directory=True)
+    assert not disk.has(linked_folder) and linked_folder not in disk.template_ids()
+    with pytest.raises(CacheCorrupt) as info:
+        disk.read_step(linked_folder, 0)
+    assert str(outside) not in str(info.value)
+    disk.delete(linked_folder)
+    assert (disk.folder / linked_folder).is_symlink() and (outside / step_file(0)).is_file()
+    # A link in place of a file of a real template: that read fails, the target stays.
+    (disk.folder / TPL / step_file(0)).unlink()
+    (disk.folder / TPL / step_file(0)).symlink_to(outside / step_file(0))
+    with pytest.raises(CacheCorrupt):
+        disk.read_step(TPL, 0)
+    disk.delete(TPL)  # the template's own folder goes; the link's target does not
+    assert not (disk.folder / TPL).exists() and (outside / step_file(0)).is_file()
 
 
 def test_a_crash_mid_write_leaves_nothing_that_loads(tmp_path: Path) -> None:
@@ -156,8 +195,8 @@ def test_a_crash_mid_write_leaves_nothing_that_loads(tmp_path: Path) -> None:
         raise OSError(28, "No space left on device")
 
     with pytest.raises(CacheWriteFailed, match="No space left"):
-        disk.write("tpl", {}, {}, steps())
-    assert not disk.has("tpl") and disk.template_ids() == []
+        disk.write(TPL, {}, {}, steps())
+    assert not disk.has(TPL) and disk.template_ids() == []
     assert not list(disk.folder.iterdir())  # the partial folder is gone
     (disk.folder / ".partial-tpl-dead").mkdir()  # as a killed process would leave it
     assert not list(DiskTier(tmp_path, "kv-float32-all", "model").folder.iterdir())

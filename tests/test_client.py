@@ -32,6 +32,7 @@ LONG_STEPS = 100  # long enough to interrupt on a loaded machine: a full-mask st
 PROMPT = "a photo"
 TEMPLATE_PNG = png(template_image(21))
 MASK_PNG = png(rect_mask(0.25, seed=21))
+UNKNOWN_ID = "tpl-" + "f" * 20  # well formed, never registered
 FULL_MASK_PNG = png(rect_mask(1.0))
 
 
@@ -94,9 +95,9 @@ def test_server_error_carries_reason_and_request_id_and_the_client_stays_usable(
     client: InstGenIEClient, template_id: str
 ) -> None:
     with pytest.raises(InstGenIEServerError) as info:
-        client.edit(MASK_PNG, "x", template_id="tpl-unknown", request_id="bad-1")
+        client.edit(MASK_PNG, "x", template_id=UNKNOWN_ID, request_id="bad-1")
     assert (info.value.reason, info.value.request_id) == ("unknown_template", "bad-1")
-    assert "tpl-unknown" in info.value.message
+    assert UNKNOWN_ID in info.value.message
 
     assert client.edit(MASK_PNG, "x", template_id=template_id).total_steps == STEPS
 
@@ -156,7 +157,7 @@ def test_sse_client_matches_the_sync_result_and_reports_progress(triton_server, 
     )  # fmt: skip
     assert [(u.step, u.request_id) for u in updates] == [(s, "sse-1") for s in range(1, STEPS + 1)]
     with pytest.raises(InstGenIEServerError) as info:
-        client.edit(MASK_PNG, "x", template_id="tpl-unknown", request_id="sse-bad")
+        client.edit(MASK_PNG, "x", template_id=UNKNOWN_ID, request_id="sse-bad")
     assert (info.value.reason, info.value.request_id) == ("unknown_template", "sse-bad")
 
 
@@ -204,12 +205,12 @@ def test_cli_templates_register_and_list(triton_server, template_id: str, files:
 
 
 def test_cli_edit_errors_exit_2_for_the_server_and_1_for_the_connection(triton_server, files: Path, capsys) -> None:
-    edit = ["edit", "--template-id", "tpl-unknown", "--mask", str(files / "m.png"), "--prompt", "x", "-o", str(files / "x.png")]
+    edit = ["edit", "--template-id", UNKNOWN_ID, "--mask", str(files / "m.png"), "--prompt", "x", "-o", str(files / "x.png")]
 
     assert main([*edit, "--url", triton_server.grpc_url]) == 2
     assert re.search(r"error \(unknown_template\): unknown template .*\[request [0-9a-f]{32}\]", capsys.readouterr().err)
     assert main([*edit, "--url", "127.0.0.1:1"]) == 1
-    assert "error: gRPC stream to 127.0.0.1:1 failed" in capsys.readouterr().err
+    assert re.search(r"\[request [0-9a-f]{32}\] unavailable: the gRPC stream to 127.0.0.1:1 failed", capsys.readouterr().err)
     assert not (files / "x.png").exists()
 
 

@@ -34,6 +34,8 @@ COMPOSE = ROOT / "docker" / "compose.yaml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 #: Triton's health endpoints, which the router answers too.
 READY, LIVE = "/v2/health/ready", "/v2/health/live"
+#: The launcher's own probes on ``serve``'s health port (Triton's answer 200 with a dead stub).
+SERVE_READY, SERVE_LIVE = "/ready", "/live"
 #: Seconds Triton gets after SIGTERM once drained (``TritonServer.stop``'s ``term_timeout_s``).
 TERM_TIMEOUT_S = 15
 PORT_NAMES = ("http", "grpc", "metrics")
@@ -54,8 +56,10 @@ def parse_command(argv: list[str]) -> argparse.Namespace:
 
 
 def ports(args: argparse.Namespace) -> dict[str, int]:
-    """The http, grpc and metrics ports a parsed ``serve`` or ``router`` command listens on."""
+    """The http, grpc and metrics ports (and ``serve``'s health port) a parsed command listens on."""
     found = {name: getattr(args, f"{name}_port") for name in PORT_NAMES}
+    if args.command == "serve":
+        found["health"] = args.health_port
     if args.command == "router":  # options left out take RouterConfig's defaults
         from instgenie_router.service import RouterConfig
 
@@ -229,7 +233,7 @@ def test_dockerfile_default_command_serves_a_gpu_on_all_interfaces() -> None:
     router = parse_command(["instgenie", "router", "--instances", "triton:8001"])
     assert set(ports(args).values()) | set(ports(router).values()) <= exposed  # one image, both roles
     (healthcheck,) = [rest for op, rest in dockerfile() if op == "HEALTHCHECK"]
-    assert url_port_and_path(healthcheck) == (ports(args)["http"], READY)
+    assert url_port_and_path(healthcheck) == (ports(args)["health"], SERVE_READY)
     start_period = re.search(r"--start-period=(\S+)", healthcheck)
     assert start_period and seconds(start_period.group(1)) >= args.ready_timeout  # loading is not "unhealthy"
 
@@ -282,7 +286,8 @@ def test_compose_health_checks_hit_the_command_http_port() -> None:
     for name, (service, args) in {**compose_services("serve"), **compose_services("router")}.items():
         test = service["healthcheck"]["test"]
         assert test[0] == "CMD" and test[1] == "curl", name
-        assert url_port_and_path(" ".join(test)) == (ports(args)["http"], READY), name
+        expected = (ports(args)["health"], SERVE_READY) if args.command == "serve" else (ports(args)["http"], READY)
+        assert url_port_and_path(" ".join(test)) == expected, name
 
 
 def test_compose_stop_grace_outlasts_the_drain() -> None:
@@ -319,13 +324,15 @@ def test_kubernetes_containers_expose_and_probe_their_command_ports() -> None:
             kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe") if kind in container
         }
         assert {"readinessProbe", "livenessProbe"} <= probes.keys(), role
-        # Liveness must not be readiness: a loading or draining pod is alive, just not ready.
-        assert probes["livenessProbe"]["httpGet"]["path"] == LIVE, role
-        assert probes["readinessProbe"]["httpGet"]["path"] == READY, role
+        # serve: the launcher's probes (they see a dead stub or a wedged loop); the router: its own.
+        ready, live, port_name = (SERVE_READY, SERVE_LIVE, "health") if role == "serve" else (READY, LIVE, "http")
+        # Liveness must not be readiness: a loading, recovering or draining pod is alive, just not ready.
+        assert probes["livenessProbe"]["httpGet"]["path"] == live, role
+        assert probes["readinessProbe"]["httpGet"]["path"] == ready, role
         for kind_, probe in probes.items():
             port = probe["httpGet"]["port"]
-            assert named_ports(container).get(port, port) == opened["http"], f"{role} {kind_}"
-            assert probe["httpGet"]["path"] in (READY, LIVE), f"{role} {kind_}"
+            assert named_ports(container).get(port, port) == opened[port_name], f"{role} {kind_}"
+            assert probe["httpGet"]["path"] in (ready, live), f"{role} {kind_}"
         annotations = item["spec"]["template"]["metadata"]["annotations"]
         assert int(annotations["prometheus.io/port"]) == opened["metrics"], role
         assert args.host == "0.0.0.0", f"{role}: a pod must listen beyond its loopback"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,7 @@ from conftest import SIZE, TEXT_LEN, engine_over, png, rect_mask, template_image
 from instgenie import Engine
 from instgenie.cache import CacheMode
 from instgenie.cache.planner import CostModel, LinearCost
-from instgenie.families import SD3InpaintFamily
+from instgenie.families import GenerationSettings, SD3InpaintFamily
 
 STEPS = 3
 
@@ -225,3 +229,49 @@ def test_template_budget_evicts_the_least_recently_used(model_dirs: dict) -> Non
     with pytest.raises(CacheBudgetExceeded, match="cache budget"):
         tight.register_template(png(template_image(40)), "a", seed=1, steps=2)
     assert tight.template_ids() == []
+
+
+class _ConcurrencyProbe:
+    """Stands in for a tokenizer: counts callers inside it at once, then calls the real one."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self.inside = self.most_inside = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            time.sleep(0.02)  # long enough that unserialized callers always overlap here
+            return self._tokenizer(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_concurrent_prompt_encodings_do_not_share_tokenizer_settings(engines: dict[str, Engine]) -> None:
+    """Regression: worker threads encoding prompts at once raced on the fast tokenizer's
+    padding settings (diffusers sets padding="max_length", then "longest"), so one prompt
+    came back 3 tokens long and the batched step that concatenated it failed."""
+    family = engines["flux-fill"].family
+    settings = GenerationSettings(width=SIZE, height=SIZE, steps=2, guidance=3.5, seed=0, max_sequence_length=TEXT_LEN)
+    real = family.pipe.tokenizer_2
+    probe = family.pipe.tokenizer_2 = _ConcurrencyProbe(real)
+    start = threading.Barrier(4)
+
+    def encode(prompt: str) -> torch.Size:
+        start.wait()
+        return family.encode_prompt(prompt, settings).prompt_embeds.shape
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            shapes = list(pool.map(encode, ["a lamp", "a red hat on a chair", "x", "a lamp"]))
+    finally:
+        family.pipe.tokenizer_2 = real
+    assert probe.most_inside == 1
+    assert {shape[1] for shape in shapes} == {TEXT_LEN}

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,8 @@ def test_triton_home_runs_its_own_server_and_backends(
     args = (triton_home / "bin" / "args").read_text().splitlines()
     assert f"--backend-directory={triton_home / 'backends'}" in args
     assert f"--model-repository={tmp_path / 'repo'}" in args
-    assert f"--grpc-port={server.grpc_port}" in args
+    # Triton listens on private loopback ports; the public one is the launcher's front.
+    assert f"--grpc-port={server.private_ports['grpc']}" in args and "--grpc-address=127.0.0.1" in args
     env = dict(line.split("=", 1) for line in (triton_home / "bin" / "env").read_text().splitlines() if "=" in line)
     assert env["LD_LIBRARY_PATH"] == "/usr/local/cuda/compat/lib"
     assert env["PATH"].split(":")[0] == os.path.dirname(sys.executable)
@@ -363,7 +365,7 @@ def test_serve_sets_cache_parameters_only_where_declared(tmp_path: Path, monkeyp
 def test_serve_runs_until_sigterm(triton_repository: Path, tmp_path: Path) -> None:
     model = tmp_path / "model"
     model.mkdir()
-    ports = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    ports = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0"]
     package_root = str(Path(instgenie_server.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "instgenie_server.launcher", "serve", "--model-repository", str(triton_repository)]
@@ -371,9 +373,13 @@ def test_serve_runs_until_sigterm(triton_repository: Path, tmp_path: Path) -> No
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None
-        lines = [process.stdout.readline().strip() for _ in range(4)]
+        lines = [process.stdout.readline().strip() for _ in range(5)]
         assert lines[0].startswith("http: 127.0.0.1:") and lines[1].startswith("grpc: 127.0.0.1:"), lines
-        assert lines[2].startswith("metrics: http://127.0.0.1:") and lines[3] == "ready", lines
+        assert lines[2].startswith("metrics: http://127.0.0.1:") and lines[4] == "ready", lines
+        health = lines[3].removeprefix("health: ")
+        assert health.startswith("http://127.0.0.1:") and health.endswith("/ready"), lines
+        with urllib.request.urlopen(health, timeout=5) as response:  # the launcher's own probe
+            assert response.status == 200
         seen = json.loads((model / "initialized.json").read_text())
         assert seen == {
             "model_dir": str(model.resolve()),

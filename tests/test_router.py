@@ -288,7 +288,10 @@ def test_registration_reaches_every_instance_and_edits_match_a_direct_call(route
         time.sleep(0.5)
     mask = png(rect_mask(0.2, seed=31))
     through_router = client.edit(mask, "a vase", template_id=template_id)
-    assert through_router.image == direct[0].edit(mask, "a vase", template_id=template_id).image
+    alone = direct[0].edit(mask, "a vase", template_id=template_id).image
+    # Routed to either instance, which may batch it with background work (registration
+    # copies, replays): batched-kernel rounding, at most one grey level.
+    assert np.abs(_pixels(through_router.image) - _pixels(alone)).max() <= 1
 
 
 def test_client_errors_come_back_through_the_router(router: Router) -> None:
@@ -447,7 +450,8 @@ def test_http_clients_work_through_the_router(router: Router, instances) -> None
     result = sse.edit(mask, "a bag", template_id=template_id, on_progress=lambda p: steps.append(p.step))
     assert steps == list(range(1, STEPS + 1))  # server-sent events arrive through the router
     direct = InstGenIEClient(instances[0].grpc_url, timeout_s=60).edit(mask, "a bag", template_id=template_id)
-    assert result.image == direct.image
+    # Either instance, perhaps batched with background work: batched-kernel rounding.
+    assert np.abs(_pixels(result.image) - _pixels(direct.image)).max() <= 1
     plain = httpclient.InferenceServerClient(f"127.0.0.1:{router.http_port}")
     try:
         assert plain.is_server_ready() and plain.is_model_ready("instgenie_edit")

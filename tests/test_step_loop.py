@@ -237,6 +237,45 @@ def test_bad_request_fails_alone_and_its_batch_mates_are_untouched(flux: Engine,
     assert torch.equal(good.outcome.latents, alone.latents)
 
 
+def test_a_failing_call_fails_only_the_request_whose_state_raises(
+    flux: Engine, template_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_run = flux.register_template(png(template_image(15)), "a hall", seed=3, steps=30).template_id
+    prepare = flux.prepare_edit
+
+    def prepare_with_fault(*args, request_id=None, **kwargs):
+        state = prepare(*args, request_id=request_id, **kwargs)
+        if request_id == "faulty":  # text of the wrong width: its call raises in any company
+            state.text.prompt_embeds = state.text.prompt_embeds[..., :-1]
+        return state
+
+    monkeypatch.setattr(flux, "prepare_edit", prepare_with_fault)
+    loop, observer = run_loop(flux)
+    try:
+        mates = [Recorder(), Recorder()]
+        for i, sink in enumerate(mates):
+            loop.submit(edit(f"mate{i}", long_run, 0.2 + 0.2 * i, seed=i), sink)
+        while min(len(m.steps) for m in mates) < 2:
+            time.sleep(0.005)
+        faulty = Recorder()
+        loop.submit(edit("faulty", long_run, 0.3, seed=5), faulty)  # joins the running pair
+        for sink in (faulty, *mates):
+            sink.wait()
+    finally:
+        loop.stop()
+    assert faulty.error is not None and faulty.error.reason == "internal"
+    assert "denoising step failed" in str(faulty.error) and not faulty.steps
+    assert 3 not in observer.batch_sizes and observer.reasons == ["internal"]
+    monkeypatch.undo()
+    for i, sink in enumerate(mates):
+        assert sink.error is None, sink.error
+        # Every step taken, none twice: the failed call's retries advanced each mate once.
+        assert [s for _, s, _ in sink.steps] == list(range(1, 31))
+        alone = flux.edit(png(rect_mask(0.2 + 0.2 * i, seed=i)), "a lamp", template_id=long_run)
+        # Batched with others for some steps: equal to alone up to batched-kernel rounding.
+        assert (sink.outcome.latents - alone.latents).abs().max().item() <= 1e-5
+
+
 def test_register_runs_in_the_loop_and_is_idempotent(flux: Engine) -> None:
     loop, observer = run_loop(flux)
     try:

@@ -19,8 +19,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,6 +29,7 @@ from PIL import Image
 
 from .families import Family, GenerationSettings, LatentInputs, TextEmbeddings
 from .imaging import encode_png
+from .lifetime import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +100,11 @@ def _render(family: Family, latents, settings, original, pixel_mask) -> Rendered
 _family: Family | None = None
 
 
-def _exit_with_parent(parent: int) -> None:
-    # A SIGKILLed server (or stub) cannot shut its pool down; orphaned workers would
-    # keep their memory and semaphores forever.
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
-
-
 def _load(model_dir: str, device: str, dtype: str, threads: int, nice: int) -> None:
     global _family
     from .loading import load_pipeline
 
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    exit_with_parent()  # a SIGKILLed stub cannot shut its pool down
     torch.set_num_threads(threads)
     if nice and hasattr(os, "nice"):
         os.nice(nice)
@@ -140,6 +131,8 @@ def _render_remote(latents, settings, original, pixel_mask) -> RenderedImage:  #
 class ProcessCodec:
     """The same work in ``workers`` processes at ``nice`` lower CPU priority.
 
+    ``semaphore_prefix``: names the pool's semaphores in ``/dev/shm`` (default ``mp``).
+
     Each worker loads the pipeline folder once (text encoders, VAE; the transformer
     is loaded too and unused). Preparation that reuses a template's latents stays
     local unless the family still runs its VAE then (``Family.encodes_on_reuse``).
@@ -154,8 +147,13 @@ class ProcessCodec:
         nice: int = 10,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        semaphore_prefix: str | None = None,
     ) -> None:
         self.local = LocalCodec(family)
+        if semaphore_prefix:
+            # The pool's queues are POSIX named semaphores (/dev/shm/sem.mp-*), which a
+            # killed process leaves behind; a known prefix lets its launcher remove them.
+            multiprocessing.current_process()._config["semprefix"] = "/" + semaphore_prefix  # type: ignore[attr-defined]
         context = multiprocessing.get_context("spawn")
         # Inside Triton's Python backend stub sys.executable is the stub, not Python.
         executable = sys.executable if os.path.basename(sys.executable).startswith("python") else _python()

@@ -40,6 +40,7 @@ from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask, encode_png
 from .loading import load_pipeline
+from .template_ids import check_template_id, template_id_from_digest
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,11 @@ class Engine:
 
     # -- templates -------------------------------------------------------------
     def template(self, template_id: str) -> TemplateRecord:
-        """A registered template; rebuilt from the disk tier if only that holds it."""
+        """A registered template; rebuilt from the disk tier if only that holds it.
+
+        Raises ``UnknownTemplate`` for an id not of the template-id form before any lookup.
+        """
+        check_template_id(template_id)
         with self._templates_lock:
             record = self._templates.get(template_id)
         if record is not None and self.store.has(template_id):
@@ -499,7 +504,7 @@ class Engine:
         """How many leading blocks of each step of ``state`` compute every token instead of loading.
 
         Chosen once per request from its own sizes, never from its batch mates, so
-        its result does not depend on what it was batched with: with a new prompt,
+        what it computes does not depend on what it was batched with: with a new prompt,
         recomputed blocks attend over the edit's own unmasked K/V, not the template's.
         0 (load every block) without a cost model or without the template's step latents.
         """
@@ -658,7 +663,7 @@ class Engine:
         digest.update(state.prompt.encode())
         digest.update(np.asarray(state.image).tobytes())
         digest.update(np.packbits(state.pixel_mask).tobytes())
-        return "tpl-" + digest.hexdigest()[:20]
+        return template_id_from_digest(digest.hexdigest())
 
     # -- conveniences ------------------------------------------------------------
     def run(self, states: Iterable[RequestState]) -> None:

@@ -379,6 +379,9 @@ class StepLoop:
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
+        # Pinned here too, not left to torch's lazy per-thread default: the loop's kernels
+        # must be the ones a solo run in the caller's thread uses (exactness).
+        torch.set_num_threads(self._torch_threads)
         while True:
             with self._cond:
                 while not self._active and not self._queues.ready and not self._stopping:
@@ -446,24 +449,20 @@ class StepLoop:
 
     def _step(self) -> None:
         self._await_caches()
-        batch = self._active
+        batch = list(self._active)
         if not batch:
             return
-        states = [j.state for j in batch]
         started = self._clock()
-        try:
-            for call in self.scheduler.calls(states):  # type: ignore[arg-type]
-                self.engine.step([states[i] for i in call])  # type: ignore[misc]
-        except Exception as error:  # keep serving: fail this batch, not the server
-            log.exception("step failed for %d requests", len(batch))
-            self._active = []
-            for job in batch:
-                self._fail(job, InternalError(f"the denoising step failed: {type(error).__name__}: {error}"))
+        calls = self.scheduler.calls([j.state for j in batch])  # type: ignore[misc]
+        for call in calls:
+            self._call([batch[i] for i in call])
+        batch = list(self._active)  # without the requests whose state made a call fail
+        if not batch:
             return
         now = self._clock()
         with self._cond:
             self._steps_done += 1
-        self.observer.step(now - started, len(batch), sum(s.rows * s.computed_tokens for s in states))  # type: ignore[union-attr]
+        self.observer.step(now - started, len(batch), sum(j.state.rows * j.state.computed_tokens for j in batch))  # type: ignore[union-attr]
         still: list[_Job] = []
         for job in batch:
             state = job.state
@@ -479,6 +478,30 @@ class StepLoop:
                 still.append(job)
         self._active = still
         self._publish_load()
+
+    def _call(self, jobs: list[_Job]) -> None:
+        """One batched transformer call; when it raises, the same step in halves, down to
+        single requests, so that only a request whose own state raises fails (with its
+        reason) and every other one still takes this step."""
+        steps_before = [job.state.step_index for job in jobs]  # type: ignore[union-attr]
+        try:
+            self.engine.step([job.state for job in jobs])  # type: ignore[misc]
+            return
+        except Exception as error:  # keep serving: find the cause, fail only it
+            if len(jobs) == 1:
+                job = jobs[0]
+                log.exception("request %s: the denoising step failed", job.request.request_id)
+                self._active.remove(job)
+                self._fail(job, InternalError(f"the denoising step failed: {type(error).__name__}: {error}"))
+                return
+            log.warning("a call of %d requests failed (%s: %s); stepping them in smaller calls",
+                        len(jobs), type(error).__name__, error)  # fmt: skip
+        # Requests the failed call already advanced (another planned group of it) are done.
+        left = [job for job, before in zip(jobs, steps_before) if job.state.step_index == before]  # type: ignore[union-attr]
+        half = len(left) // 2
+        for part in (left[:half], left[half:]) if half else (left,):
+            if part:
+                self._call(part)
 
 
 class _LogSink:

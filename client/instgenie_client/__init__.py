@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import ServerError
+from .protocol import ServerError, error_message
+
+#: Seconds a request may take in all, and may go without any response, before a client
+#: cancels it (a server that died silently must not hang a caller). A request waiting
+#: in the server's queue hears nothing until it joins the batch: raise the stall
+#: timeout where queues are long.
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_STALL_TIMEOUT_S = 120.0
 
 #: An image argument: encoded PNG/JPEG bytes, or the path of such a file.
 ImageSource = bytes | str | os.PathLike
@@ -42,6 +50,8 @@ __all__ = [
     "InstGenIEServerError",
     "JobCancelled",
     "Progress",
+    "RequestTimeout",
+    "ResponseClock",
     "SseInstGenIEClient",
 ]
 
@@ -112,7 +122,70 @@ class JobCancelled(Exception):
 
 
 class InstGenIEConnectionError(ConnectionError):
-    """The server could not be reached, or the connection broke before the final response."""
+    """The server could not be reached, or the connection broke before the final response.
+
+    ``reason`` is ``unavailable`` (as a server's refusal to take work is): the request
+    may be retried, here after a while or on another instance. The message names the
+    request as server errors do: ``[request <id>] unavailable: ...``.
+    """
+
+    reason = "unavailable"
+
+    def __init__(self, message: str, request_id: str = "") -> None:
+        super().__init__(error_message(request_id, self.reason, message) if request_id else message)
+        self.request_id = request_id
+
+
+class RequestTimeout(TimeoutError):
+    """No final response in time (``reason`` ``timeout``), or none at all for too long
+    (``stalled``); the request was cancelled on the server."""
+
+    def __init__(self, request_id: str, reason: str, message: str) -> None:
+        super().__init__(error_message(request_id, reason, message))
+        self.request_id = request_id
+        self.reason = reason
+
+
+class ResponseClock:
+    """A request's two limits: its whole duration and the silence between two responses.
+
+    Args:
+        timeout_s: seconds from now to the final response (None: no limit).
+        stall_timeout_s: seconds without any response (None: no limit).
+    """
+
+    def __init__(self, timeout_s: float | None, stall_timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self._started = self._heard = time.monotonic()
+
+    def heard(self) -> None:
+        """A response arrived."""
+        self._heard = time.monotonic()
+
+    def left_s(self) -> float | None:
+        """Seconds until a limit passes (<= 0: passed); None without limits."""
+        now = time.monotonic()
+        limits = []
+        if self.timeout_s is not None:
+            limits.append(self._started + self.timeout_s - now)
+        if self.stall_timeout_s is not None:
+            limits.append(self._heard + self.stall_timeout_s - now)
+        return min(limits) if limits else None
+
+    def expired(self, request_id: str) -> RequestTimeout:
+        """The error for the limit that passed."""
+        now = time.monotonic()
+        if self.timeout_s is not None and now - self._started >= self.timeout_s - 1e-3:
+            return RequestTimeout(
+                request_id, "timeout", f"no final response within {self.timeout_s:g} s; the request was cancelled"
+            )
+        return RequestTimeout(
+            request_id,
+            "stalled",
+            f"no response from the server for {self.stall_timeout_s:g} s (its step loop or connection may be dead); "
+            "the request was cancelled",
+        )
 
 
 # -- request helpers shared by the clients ----------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,12 +19,15 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from . import (
+    DEFAULT_STALL_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
     EditResult,
     ImageSource,
     InstGenIEConnectionError,
     InstGenIEServerError,
     JobCancelled,
     Progress,
+    ResponseClock,
     new_request_id,
     request_inputs,
 )
@@ -44,10 +46,18 @@ class AsyncInstGenIEClient:
     :class:`JobCancelled`, comes out, as usual in asyncio).
     """
 
-    def __init__(self, url: str = "localhost:8001", *, model: str = EDIT_MODEL, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        *,
+        model: str = EDIT_MODEL,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S,
+    ) -> None:
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
 
     async def register_template(
         self,
@@ -62,8 +72,9 @@ class AsyncInstGenIEClient:
     ) -> str:
         """Register a template; returns its id (see the blocking client)."""
         values = request_inputs(
-            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask
-        )
+            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask,
+            progress=True,  # steps keep the stall clock from firing on a long recording
+        )  # fmt: skip
         return str((await self._final(values, request_id or new_request_id()))["TEMPLATE"])
 
     async def list_templates(self) -> list[str]:
@@ -87,7 +98,7 @@ class AsyncInstGenIEClient:
         """Edit and return the result; ``on_progress`` (a function or a coroutine function) runs after every step."""
         updates = self.edit_stream(
             mask, prompt, template_id=template_id, image=image, seed=seed, steps=steps, guidance=guidance,
-            full_compute=full_compute, request_id=request_id, progress=on_progress is not None,
+            full_compute=full_compute, request_id=request_id, progress=True,  # the stall clock hears every step
         )  # fmt: skip
         async with contextlib.aclosing(updates):
             async for update in updates:
@@ -114,7 +125,8 @@ class AsyncInstGenIEClient:
         """Yield a :class:`Progress` per denoising step (unless ``progress=False``), then the :class:`EditResult`.
 
         Leaving the iteration early cancels the request once the generator is closed:
-        wrap it in :func:`contextlib.aclosing` to make that immediate.
+        wrap it in :func:`contextlib.aclosing` to make that immediate. Without progress
+        the stall timeout counts the whole computation as silence.
         """
         request_id = request_id or new_request_id()
         values = request_inputs(
@@ -136,7 +148,7 @@ class AsyncInstGenIEClient:
 
     async def _responses(self, values: dict[str, Any], request_id: str) -> AsyncIterator[Progress | dict[str, Any]]:
         """One request on its own stream: progress updates, then the final outputs (last)."""
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        clock = ResponseClock(self.timeout_s, self.stall_timeout_s)
         request = {"model_name": self.model, "inputs": infer_inputs(values), "request_id": request_id}
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -150,9 +162,10 @@ class AsyncInstGenIEClient:
             final: dict[str, Any] | None = None
             while True:
                 try:
-                    result, error = await _within(responses.__anext__(), deadline, request_id)
+                    result, error = await _within(responses.__anext__(), clock, request_id)
                 except StopAsyncIteration:
                     break
+                clock.heard()
                 if error is not None:
                     failure = stream_error(error, self.url, request_id)
                     if isinstance(failure, InstGenIEServerError) and failure.reason == "cancelled":
@@ -164,25 +177,26 @@ class AsyncInstGenIEClient:
                 elif "STEP" in outputs:
                     yield Progress(int(outputs["STEP"]), int(outputs["TOTAL_STEPS"]), request_id)
             if final is None:
-                raise InstGenIEConnectionError(f"the stream to {self.url} ended before request {request_id} finished")
+                raise InstGenIEConnectionError(f"the stream to {self.url} ended before the request finished", request_id)
             finished = True
             yield final
         except (grpc.RpcError, InferenceServerException) as exc:
-            raise InstGenIEConnectionError(f"gRPC stream to {self.url} failed: {_describe(exc)}") from exc
+            raise InstGenIEConnectionError(f"the gRPC stream to {self.url} failed: {_describe(exc)}", request_id) from exc
         finally:
             if responses is not None and not finished:
                 responses.cancel()  # cancels the request on the server too
             await client.close()
 
 
-async def _within(step: Awaitable[_T], deadline: float | None, request_id: str) -> _T:
-    """Await ``step`` until ``deadline`` (``time.monotonic()``); a clear TimeoutError after it."""
-    if deadline is None:
+async def _within(step: Awaitable[_T], clock: ResponseClock, request_id: str) -> _T:
+    """Await ``step`` until a limit of ``clock`` passes; then its :class:`RequestTimeout`."""
+    left = clock.left_s()
+    if left is None:
         return await step
     try:
-        return await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+        return await asyncio.wait_for(step, max(0.0, left))
     except asyncio.TimeoutError:
-        raise TimeoutError(f"request {request_id} did not finish in time; it was cancelled") from None
+        raise clock.expired(request_id) from None
 
 
 def _describe(exc: grpc.RpcError | InferenceServerException) -> str:

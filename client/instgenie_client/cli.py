@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from . import Progress
+from . import DEFAULT_STALL_TIMEOUT_S, DEFAULT_TIMEOUT_S, Progress
+from .protocol import check_template_id
 
 DEFAULT_URL = "localhost:8001"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -49,6 +50,21 @@ class ProgressBar:
 
 def _add_url(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC endpoint host:port (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds the request may take (default {DEFAULT_TIMEOUT_S:g})"
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=DEFAULT_STALL_TIMEOUT_S,
+        help=f"seconds without any response before giving up (default {DEFAULT_STALL_TIMEOUT_S:g})",
+    )
+
+
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .grpc_client import InstGenIEClient
+
+    return InstGenIEClient(args.url, timeout_s=args.timeout, stall_timeout_s=args.stall_timeout)
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -58,10 +74,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from .grpc_client import InstGenIEClient
-
-    client = InstGenIEClient(args.url)
-    template_id = client.register_template(
+    template_id = _client(args).register_template(
         args.image, args.prompt, seed=args.seed, steps=args.steps, guidance=args.guidance, mask=args.mask
     )
     print(template_id)
@@ -69,20 +82,20 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .grpc_client import InstGenIEClient
-
-    for template_id in InstGenIEClient(args.url).list_templates():
+    for template_id in _client(args).list_templates():
         print(template_id)
     return 0
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from .grpc_client import EditJob, InstGenIEClient
+    from .grpc_client import EditJob
 
+    if args.template_id is not None:
+        check_template_id(args.template_id)  # a malformed id is refused here, not sent
     bar = ProgressBar(sys.stderr)
     job: EditJob | None = None
     try:
-        job = InstGenIEClient(args.url).submit(
+        job = _client(args).submit(
             args.mask,
             args.prompt,
             template_id=args.template_id,

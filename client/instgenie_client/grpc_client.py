@@ -19,12 +19,16 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from . import (
+    DEFAULT_STALL_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
     EditResult,
     ImageSource,
     InstGenIEConnectionError,
     InstGenIEServerError,
     JobCancelled,
     Progress,
+    RequestTimeout,
+    ResponseClock,
     new_request_id,
     request_inputs,
 )
@@ -75,7 +79,7 @@ def stream_error(error: InferenceServerException, url: str, request_id: str) -> 
     if error.status() is None:
         parsed = InstGenIEServerError.parse(error.message() or str(error))
         return parsed if parsed.request_id else dataclasses.replace(parsed, request_id=request_id)
-    return InstGenIEConnectionError(f"gRPC stream to {url} failed: {error.message()}")
+    return InstGenIEConnectionError(f"the gRPC stream to {url} failed: {error.message()}", request_id)
 
 
 class EditJob:
@@ -96,12 +100,12 @@ class EditJob:
         request_id: str,
         *,
         on_progress: ProgressCallback | None = None,
-        timeout_s: float | None = None,
+        clock: ResponseClock | None = None,
     ) -> None:
         self.request_id = request_id
         self._url = url
         self._on_progress = on_progress
-        self._timeout_s = timeout_s
+        self._clock = clock or ResponseClock(None, None)
         self._events: queue.Queue[Progress | dict[str, Any] | Exception] = queue.Queue()
         self._progress: queue.Queue[Progress | None] = queue.Queue()
         self._lock = threading.Lock()  # orders cancel() against settling
@@ -130,27 +134,38 @@ class EditJob:
         """Wait for the edited image.
 
         Args:
-            timeout: seconds to wait (default: the client's ``timeout_s``, else forever).
+            timeout: seconds to wait now (default: until the client's ``timeout_s``
+                since the start, or ``stall_timeout_s`` without any response, passes).
 
         Raises:
             InstGenIEServerError: the server refused or failed the request.
             JobCancelled: :meth:`cancel` was called before the job finished.
-            TimeoutError: no final response in time; the job is cancelled.
+            RequestTimeout: (a ``TimeoutError``) no final response in time, or no
+                response for too long; the job is cancelled.
             InstGenIEConnectionError: the server is unreachable or the stream broke.
         """
         return EditResult.from_outputs(self.outputs(timeout), self.request_id)
 
     def outputs(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the final response and return its outputs (see :meth:`result`)."""
-        timeout = self._timeout_s if timeout is None else timeout
         try:
-            finished = self._done.wait(timeout)
+            if timeout is not None:
+                finished = self._done.wait(timeout)
+                expired = None if finished else RequestTimeout(
+                    self.request_id, "timeout", f"no final response within {timeout:g} s; the request was cancelled"
+                )
+            else:
+                while not (finished := self._done.wait(self._clock.left_s())):
+                    left = self._clock.left_s()
+                    if left is not None and left <= 0:
+                        break
+                expired = None if finished else self._clock.expired(self.request_id)
         except BaseException:  # Ctrl-C while waiting: do not leave the request running
             self.cancel()
             raise
-        if not finished:
+        if expired is not None:
             self.cancel()
-            raise TimeoutError(f"request {self.request_id} did not finish within {timeout:g} s; it was cancelled")
+            raise expired
         if isinstance(self._outcome, BaseException):
             raise self._outcome
         assert self._outcome is not None
@@ -187,6 +202,7 @@ class EditJob:
     # -- threads ------------------------------------------------------------------------------
     def _on_response(self, result: grpcclient.InferResult | None, error: InferenceServerException | None) -> None:
         """tritonclient's reader thread: classify and queue, nothing else (it must never block)."""
+        self._clock.heard()
         if error is not None:
             self._events.put(stream_error(error, self._url, self.request_id))
         elif result is not None:
@@ -232,13 +248,25 @@ class InstGenIEClient:
     Args:
         url: ``host:port`` of Triton's gRPC endpoint.
         model: the decoupled edit model's name.
-        timeout_s: default seconds a request may take before it is cancelled (None: no limit).
+        timeout_s: seconds a request may take before it is cancelled (None: no limit).
+        stall_timeout_s: seconds a request may go without any response (a progress
+            step included) before it is cancelled (None: no limit). Requests always
+            stream their steps, so a live server is never silent that long while it
+            computes; a request queued behind others is, until it joins.
     """
 
-    def __init__(self, url: str = "localhost:8001", *, model: str = EDIT_MODEL, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str = "localhost:8001",
+        *,
+        model: str = EDIT_MODEL,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S,
+    ) -> None:
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
 
     def register_template(
         self,
@@ -256,8 +284,9 @@ class InstGenIEClient:
         Registration is idempotent: the same image, prompt, mask and settings give the same id.
         """
         values = request_inputs(
-            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask
-        )
+            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask,
+            progress=True,  # steps keep the stall clock from firing on a long recording
+        )  # fmt: skip
         return str(self._start(values, request_id, None).outputs()["TEMPLATE"])
 
     def list_templates(self) -> list[str]:
@@ -285,7 +314,7 @@ class InstGenIEClient:
         """
         values = request_inputs(
             template_id=template_id, image=image, mask=mask, prompt=prompt, seed=seed, steps=steps,
-            guidance=guidance, full_compute=full_compute, progress=on_progress is not None,
+            guidance=guidance, full_compute=full_compute, progress=True,
         )  # fmt: skip
         with self._start(values, request_id, on_progress) as job:
             return job.result()
@@ -316,5 +345,10 @@ class InstGenIEClient:
 
     def _start(self, values: dict[str, Any], request_id: str | None, on_progress: ProgressCallback | None) -> EditJob:
         return EditJob(
-            self.url, self.model, values, request_id or new_request_id(), on_progress=on_progress, timeout_s=self.timeout_s
+            self.url,
+            self.model,
+            values,
+            request_id or new_request_id(),
+            on_progress=on_progress,
+            clock=ResponseClock(self.timeout_s, self.stall_timeout_s),
         )

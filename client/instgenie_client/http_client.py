@@ -14,18 +14,20 @@ import base64
 import http.client
 import json
 import socket
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import (
+    DEFAULT_STALL_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
     EditResult,
     ImageSource,
     InstGenIEConnectionError,
     InstGenIEServerError,
     JobCancelled,
     Progress,
+    ResponseClock,
     new_request_id,
     request_inputs,
 )
@@ -43,9 +45,18 @@ class SseInstGenIEClient:
         url: ``host:port`` (or ``http://host:port``) of Triton's HTTP endpoint.
         model: the decoupled edit model's name.
         timeout_s: seconds a request may take before it is cancelled (None: no limit).
+        stall_timeout_s: seconds a request may go without any event before it is
+            cancelled (None: no limit); edits and registrations stream their steps.
     """
 
-    def __init__(self, url: str = "localhost:8000", *, model: str = EDIT_MODEL, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str = "localhost:8000",
+        *,
+        model: str = EDIT_MODEL,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S,
+    ) -> None:
         parts = urlsplit(url if "//" in url else f"http://{url}")
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"expected host:port or http://host:port, got {url!r}")
@@ -53,6 +64,7 @@ class SseInstGenIEClient:
         self.port = parts.port or 80
         self.model = model
         self.timeout_s = timeout_s
+        self.stall_timeout_s = stall_timeout_s
 
     def register_template(
         self,
@@ -67,8 +79,9 @@ class SseInstGenIEClient:
     ) -> str:
         """Register a template; returns its id."""
         values = request_inputs(
-            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask
-        )
+            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask,
+            progress=True,  # steps keep the stall clock from firing on a long recording
+        )  # fmt: skip
         return str(self._call(values, request_id or new_request_id(), None)["TEMPLATE"])
 
     def list_templates(self) -> list[str]:
@@ -95,7 +108,7 @@ class SseInstGenIEClient:
         request_id = request_id or new_request_id()
         values = request_inputs(
             template_id=template_id, image=image, mask=mask, prompt=prompt, seed=seed, steps=steps,
-            guidance=guidance, full_compute=full_compute, progress=on_progress is not None,
+            guidance=guidance, full_compute=full_compute, progress=True,  # the stall clock hears every step
         )  # fmt: skip
         values["OUTPUT_ENCODING"] = "base64"  # JSON carries text only
         outputs = self._call(values, request_id, on_progress)
@@ -109,8 +122,8 @@ class SseInstGenIEClient:
         """
         body = {name: base64.b64encode(value).decode() if isinstance(value, bytes) else value for name, value in values.items()}
         body["id"] = request_id
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        clock = ResponseClock(self.timeout_s, self.stall_timeout_s)
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=clock.left_s())
         try:
             connection.request(
                 "POST",
@@ -124,7 +137,7 @@ class SseInstGenIEClient:
                 # Triton refused the request before the model saw it (bad JSON type, unknown model).
                 raise _server_error(_error_text(response.read()), request_id)
             final: dict[str, Any] | None = None
-            for event in _events(response, sock, deadline):
+            for event in _events(response, sock, clock, request_id):
                 if "error" in event:
                     raise _server_error(str(event["error"]), request_id)
                 if any(name in event for name in _FINAL_OUTPUTS):
@@ -132,28 +145,31 @@ class SseInstGenIEClient:
                 elif "STEP" in event and on_progress is not None:
                     on_progress(Progress(int(event["STEP"]), int(event["TOTAL_STEPS"]), request_id))
             if final is None:
-                raise InstGenIEConnectionError(f"the event stream ended before request {request_id} finished")
+                raise InstGenIEConnectionError("the event stream ended before the request finished", request_id)
             return final
         except TimeoutError as exc:  # socket.timeout is TimeoutError since 3.10
-            raise TimeoutError(f"request {request_id} did not finish within {self.timeout_s} s; it was cancelled") from exc
+            raise clock.expired(request_id) from exc
         except (OSError, http.client.HTTPException) as exc:
-            raise InstGenIEConnectionError(f"HTTP request to {self.host}:{self.port} failed: {exc}") from exc
+            raise InstGenIEConnectionError(f"the HTTP request to {self.host}:{self.port} failed: {exc}", request_id) from exc
         finally:
             connection.close()
 
 
-def _events(response: http.client.HTTPResponse, sock: socket.socket, deadline: float | None) -> Iterator[dict[str, Any]]:
-    """The JSON payloads of the ``data:`` events of an SSE body, until it ends or ``deadline`` passes."""
+def _events(
+    response: http.client.HTTPResponse, sock: socket.socket, clock: ResponseClock, request_id: str
+) -> Iterator[dict[str, Any]]:
+    """The JSON payloads of the ``data:`` events of an SSE body, until it ends or a limit of ``clock`` passes."""
     data: list[str] = []
     while True:
-        if deadline is not None:
-            left = deadline - time.monotonic()
+        left = clock.left_s()
+        if left is not None:
             if left <= 0:
-                raise TimeoutError("deadline passed")
-            sock.settimeout(left)  # the next read waits at most until the deadline
+                raise clock.expired(request_id)
+            sock.settimeout(left)  # the next read waits at most until a limit passes
         line = response.readline()
         if not line:
             break
+        clock.heard()
         text = line.decode("utf-8").rstrip("\r\n")
         if text.startswith("data:"):
             data.append(text[5:].lstrip(" "))

@@ -34,6 +34,24 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The template-id form is the engine's (one definition); that module imports no torch.
+from instgenie.template_ids import check_template_id, is_template_id
+
+__all__ = [
+    "ACTIONS",
+    "BASELINE_MODEL",
+    "EDIT_MODEL",
+    "ERROR_CODES",
+    "INPUTS",
+    "OUTPUTS",
+    "SYNC_MODEL",
+    "ServerError",
+    "check_template_id",
+    "error_code",
+    "error_message",
+    "is_template_id",
+]
+
 EDIT_MODEL = "instgenie_edit"
 SYNC_MODEL = "instgenie_edit_sync"
 BASELINE_MODEL = "diffusers_baseline"
@@ -65,6 +83,26 @@ OUTPUTS: dict[str, str] = {
     "NUM_TOKENS": "INT32",
     "REQUEST_ID": "BYTES",
 }
+
+#: Error reason -> the Triton status it is answered with (``pb_utils.TritonError`` code
+#: name; Triton's HTTP front answers INVALID_ARG 400, UNAVAILABLE 503, INTERNAL 500).
+#: Reasons not listed are the client's mistakes: INVALID_ARG.
+ERROR_CODES: dict[str, str] = {
+    "queue_full": "UNAVAILABLE",
+    "shutting_down": "UNAVAILABLE",
+    "unavailable": "UNAVAILABLE",
+    "cache_corrupt": "UNAVAILABLE",  # being recorded again: retry shortly
+    "cache_write_failed": "INTERNAL",
+    "cancelled": "CANCELLED",
+    "internal": "INTERNAL",
+    "server_error": "INTERNAL",  # an error text not in our format
+}
+
+
+def error_code(reason: str) -> str:
+    """The Triton status code name of an error ``reason`` (see :data:`ERROR_CODES`)."""
+    return ERROR_CODES.get(reason, "INVALID_ARG")
+
 
 _ERROR = re.compile(r"\[request (?P<request_id>[^\]]*)\] (?P<reason>[a-z_]+): (?P<message>.*)", re.S)
 

@@ -33,7 +33,7 @@ class RouterConfig:
 
     instances: list[str] = field(default_factory=list)
     policy: str = "mask_aware"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # as `instgenie serve`: other machines only when told (--host 0.0.0.0)
     grpc_port: int = 8101
     http_port: int = 8100
     metrics_port: int = 8102

@@ -34,11 +34,13 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
+from instgenie_client.protocol import error_message
+
 from .instances import Instance, InstancePool, RequestCost
 from .metrics import RouterMetrics
 from .policies import Policy
 from .registrations import Registrations, bytes_output, list_request
-from .requests import inspect
+from .requests import inspect, template_id_error
 from .signals import Scraper
 
 __all__ = ["GrpcRouter", "NoInstance"]
@@ -205,6 +207,9 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
             info = inspect(request)
+            refused = template_id_error(info, request.id)
+            if refused is not None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
             tried: set[str] = set()
             for _ in range(self.max_attempts):
                 key = uuid.uuid4().hex
@@ -268,7 +273,10 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             return
         try:
             info = inspect(request)
-            if request.model_name == EDIT_MODEL and info.action == "register":
+            refused = template_id_error(info, request.id)
+            if refused is not None:  # a malformed id never leaves the router
+                stream.send(_error_text_response(request, refused))
+            elif request.model_name == EDIT_MODEL and info.action == "register":
                 self._broadcast(request, info.cost, stream)
             else:
                 self._forward(request, self._with_record_cost(info.cost), stream)
@@ -509,7 +517,10 @@ def _is_final(response: Any) -> bool:
 
 def _error_response(request: Any, reason: str, message: str) -> Any:
     """An error on the stream, worded like the instances' own (``[request <id>] <reason>: ...``)."""
-    text = f"[request {request.id}] {reason}: {message}"
+    return _error_text_response(request, error_message(request.id, reason, message))
+
+
+def _error_text_response(request: Any, text: str) -> Any:
     return pb.ModelStreamInferResponse(
         error_message=text,
         infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),

@@ -10,16 +10,20 @@ cancels a request on Triton. ``ACTION=register`` goes to every healthy instance.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING
 
+from instgenie_client.protocol import error_message
+
 from .instances import Instance, RequestCost
-from .requests import inspect_json
+from .requests import inspect_json, template_id_error
 
 if TYPE_CHECKING:
     from .service import Router
@@ -36,13 +40,19 @@ def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> N
     """Answer ``handler``'s request from an instance (the handler's headers are read, its body not yet)."""
     length = int(handler.headers.get("Content-Length") or 0)
     body = handler.rfile.read(length) if length else b""
-    cost, register = RequestCost(0.0), False
+    cost, register, request_id = RequestCost(0.0), False, ""
     if method == "POST" and "/generate" in handler.path:
         try:
-            info = inspect_json(json.loads(body or b"{}"))
-            cost, register = info.cost, info.action == "register"
+            fields = json.loads(body or b"{}")
+            info = inspect_json(fields)
+            cost, register, request_id = info.cost, info.action == "register", str(fields.get("id", ""))
         except (ValueError, AttributeError):
             pass  # not JSON: the instance answers with its own error
+        else:
+            refused = template_id_error(info, request_id)
+            if refused is not None:  # a malformed id never leaves the router
+                _reply_error(handler, 400, refused)
+                return
     if register:
         _broadcast(router, handler, method, body, cost)
         return
@@ -56,29 +66,43 @@ def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> N
             return
         tried.add(instance.name)
         try:
-            upstream = _open(instance, handler, method, body)
+            upstream = _open(instance, handler, method, body, router.config.request_timeout_s)
         except OSError as exc:
             router.pool.finish(instance, key)
             log.warning("HTTP %s %s: %s unreachable (%s); retrying elsewhere", method, handler.path, instance.name, exc)
             router.scraper.set_health(instance, False)
             router.metrics.count("instgenie_router_retried_total", instance.name)
             continue
-        _relay(router, instance, key, upstream, handler)
+        _relay(router, instance, key, upstream, handler, request_id)
         return
 
 
-def _open(instance: Instance, handler: BaseHTTPRequestHandler, method: str, body: bytes) -> http.client.HTTPConnection:
-    connection = http.client.HTTPConnection(instance.host, instance.http_port, timeout=600)
+def _open(
+    instance: Instance, handler: BaseHTTPRequestHandler, method: str, body: bytes, timeout_s: float
+) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection(instance.host, instance.http_port, timeout=timeout_s)
     headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
     connection.request(method, handler.path, body=body or None, headers=headers)
     return connection
 
 
 def _relay(
-    router: "Router", instance: Instance, key: str, connection: http.client.HTTPConnection, handler: BaseHTTPRequestHandler
+    router: "Router",
+    instance: Instance,
+    key: str,
+    connection: http.client.HTTPConnection,
+    handler: BaseHTTPRequestHandler,
+    request_id: str,
 ) -> None:
-    """Stream the instance's answer to the client; ``key``: the request's booking on ``instance``."""
+    """Stream the instance's answer to the client; ``key``: the request's booking on ``instance``.
+
+    The whole answer is bounded by the router's ``request_timeout_s`` (each read waits
+    at most until that deadline), so a stream whose instance goes silent ends; an SSE
+    client then gets an error event naming its request, as an instance's own errors read.
+    """
     router.metrics.count("instgenie_router_routed_total", instance.name)
+    deadline = time.monotonic() + router.config.request_timeout_s
+    streaming = False
     try:
         response = connection.getresponse()
         handler.send_response(response.status)
@@ -87,13 +111,24 @@ def _relay(
                 handler.send_header(name, value)
         handler.send_header("Connection", "close")  # the body ends when the connection does
         handler.end_headers()
-        while chunk := response.read1(_CHUNK):
+        streaming = "text/event-stream" in (response.getheader("Content-Type") or "")
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no final answer within the router's request timeout ({router.config.request_timeout_s:g} s)")
+            assert connection.sock is not None
+            connection.sock.settimeout(left)
+            chunk = response.read1(_CHUNK)
+            if not chunk:
+                break
             handler.wfile.write(chunk)
             handler.wfile.flush()
     except (OSError, http.client.HTTPException) as exc:
         # The client went away (which cancels the request upstream as the connection
         # closes below), or the instance did mid-response: nothing can be retried.
         log.info("HTTP %s: relay from %s ended: %s", handler.path, instance.name, exc)
+        if streaming:
+            _send_stream_error(handler, request_id, instance, exc)
     finally:
         connection.close()
         router.pool.finish(instance, key)
@@ -107,7 +142,7 @@ def _broadcast(router: "Router", handler: BaseHTTPRequestHandler, method: str, b
         return
 
     def register(instance: Instance) -> tuple[int, list[tuple[str, str]], bytes]:
-        connection = _open(instance, handler, method, body)
+        connection = _open(instance, handler, method, body, router.config.request_timeout_s)
         try:
             response = connection.getresponse()
             return response.status, response.getheaders(), response.read()
@@ -133,6 +168,14 @@ def _broadcast(router: "Router", handler: BaseHTTPRequestHandler, method: str, b
     handler.send_header("Content-Length", str(len(content)))
     handler.end_headers()
     handler.wfile.write(content)
+
+
+def _send_stream_error(handler: BaseHTTPRequestHandler, request_id: str, instance: Instance, exc: Exception) -> None:
+    """End an SSE answer whose instance failed or went silent with an error event (if the client is still there)."""
+    text = error_message(request_id, "unavailable", f"instance {instance.name} stopped answering: {exc}")
+    with contextlib.suppress(OSError):
+        handler.wfile.write(b"data: " + json.dumps({"error": text}).encode() + b"\n\n")
+        handler.wfile.flush()
 
 
 def _reply_error(handler: BaseHTTPRequestHandler, status: int, message: str) -> None:

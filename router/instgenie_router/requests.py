@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from instgenie_client.protocol import check_template_id, error_message
+
 from .instances import RequestCost
 
-__all__ = ["EditRequestInfo", "inspect", "inspect_json"]
+__all__ = ["EditRequestInfo", "inspect", "inspect_json", "template_id_error"]
 
 PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2 (Flux, SD3)
 
@@ -63,6 +65,20 @@ def _facts(values: dict[str, bytes], default_steps: int) -> EditRequestInfo:
         tokens = _image_tokens(image) if isinstance(image, bytes) else tokens
     steps = max(step_count, 1)
     return EditRequestInfo(action, template_id, RequestCost(float(max(tokens, 1) * steps), template_id, steps))
+
+
+def template_id_error(info: EditRequestInfo, request_id: str) -> str | None:
+    """The error text for a request whose ``TEMPLATE_ID`` is not a template id (else ``None``).
+
+    Checked here so that a path or other hostile value never reaches an instance.
+    """
+    if info.template_id is None:
+        return None
+    try:
+        check_template_id(info.template_id)
+    except LookupError as error:  # UnknownTemplate
+        return error_message(request_id, "unknown_template", str(error))
+    return None
 
 
 def _inputs(request: object) -> dict[str, bytes]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import importlib.util
 import logging
@@ -35,6 +36,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from .front import ConnectionFront
 
 logger = logging.getLogger(__name__)
 
@@ -298,19 +301,26 @@ def _log_tail(path: Path, size: int = _LOG_TAIL_BYTES) -> str:
 class TritonServer:
     """One ``tritonserver`` process (and its Python stubs) in a process group of its own.
 
+    Triton listens on private loopback ports; clients connect to the public ones, which
+    a :class:`~instgenie_server.front.ConnectionFront` in this process owns (see its
+    module for why: Triton cannot stop cleanly while clients hold connections).
+
     Args:
         model_repository: folder of models (``<name>/config.pbtxt`` + version folders).
-        http_port, grpc_port, metrics_port: ``None`` picks free ports.
-        host: address all three endpoints bind to.
+        http_port, grpc_port, metrics_port: public ports; ``None`` picks free ones.
+        host: address the public endpoints bind to.
         log_file: where the server's stdout and stderr go (appended); default: a file in
             a private temporary folder removed by :meth:`stop`.
         extra_args: more ``tritonserver`` flags, appended last.
-        exit_timeout_s: ``--exit-timeout-secs``, seconds Triton waits for in-flight
-            requests after SIGTERM (it cannot see in-flight decoupled requests).
+        exit_timeout_s: ``--exit-timeout-secs``: seconds Triton gets after SIGTERM to
+            unload its models (``finalize()``); no client connection is open by then.
         load_models: ``None`` loads every model in the repository at startup; a list
             uses ``--model-control-mode=explicit`` and loads only those.
+        environment: extra environment variables of the server and its stubs.
 
-    Use as a context manager (start, wait ready, stop) or call the methods.
+    Use as a context manager (start, wait ready, stop) or call the methods. The
+    server gets SIGKILL when the thread that started it ends (a parent-death signal),
+    so a killed launcher leaves nothing running: start it from a long-lived thread.
     """
 
     def __init__(
@@ -325,6 +335,7 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         exit_timeout_s: int = 10,
         load_models: Sequence[str] | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).absolute()
         self.host = host
@@ -335,12 +346,15 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.exit_timeout_s = exit_timeout_s
         self.load_models = None if load_models is None else list(load_models)
-        # A unique prefix keeps parallel servers' /dev/shm regions apart and lets stop()
-        # remove exactly the regions this server made.
-        self.shm_prefix = f"instgenie_{os.getpid()}_{secrets.token_hex(4)}_"
+        self.environment = dict(environment or {})
+        # The prefix names the launcher's pid, so a later start can tell a dead
+        # predecessor's regions (remove_leftovers) from a live server's.
+        self.shm_prefix = f"{_SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}_"
         self._log_file = None if log_file is None else Path(log_file).absolute()
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._front: ConnectionFront | None = None
+        self._private: dict[str, int] = {}  # endpoint -> Triton's own loopback port
         self._stop_lock = threading.Lock()
 
     # endpoints -------------------------------------------------------------------
@@ -366,6 +380,16 @@ class TritonServer:
         return f"http://{self._connect_host}:{self.metrics_port}/metrics"
 
     @property
+    def private_ports(self) -> dict[str, int]:
+        """Triton's own loopback ports by endpoint (``http``, ``grpc``, ``metrics``); empty before start."""
+        return dict(self._private)
+
+    @property
+    def private_metrics_url(self) -> str:
+        """The metrics page on Triton's own port (the launcher's reads bypass the front)."""
+        return f"http://127.0.0.1:{self._private['metrics']}/metrics"
+
+    @property
     def log_file(self) -> Path | None:
         """The server log (set once started)."""
         return self._log_file
@@ -375,10 +399,19 @@ class TritonServer:
         """PID of ``tritonserver``, also its process group id; ``None`` before :meth:`start`."""
         return None if self._process is None else self._process.pid
 
+    @property
+    def front(self) -> ConnectionFront | None:
+        """The public listeners (``None`` before :meth:`start`)."""
+        return self._front
+
     # lifecycle -------------------------------------------------------------------
 
-    def command(self, backend_dir: Path) -> list[str]:
-        """The ``tritonserver`` command line, with Python backend files under ``backend_dir``."""
+    def command(self, backend_dir: Path, ports: Mapping[str, int] | None = None) -> list[str]:
+        """The ``tritonserver`` command line, with Python backend files under ``backend_dir``.
+
+        ``ports``: Triton's own (private, loopback) ports; default: the public ones.
+        """
+        ports = ports or {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
         home = system_triton_home()
         args = [
             str((home if home is not None else triton_dir()) / "bin" / "tritonserver"),
@@ -389,20 +422,16 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={self.metrics_port}",
         ]
+        for name in ("http", "grpc", "metrics"):
+            args += [f"--{name}-address=127.0.0.1", f"--{name}-port={ports[name]}"]
         if self.load_models is not None:
             args.append("--model-control-mode=explicit")
             args += [f"--load-model={name}" for name in self.load_models]
         return args + self.extra_args
 
     def start(self) -> None:
-        """Launch ``tritonserver`` in a new session (own process group) and return at once.
+        """Open the public ports and launch ``tritonserver`` (own process group); return at once.
 
         Raises:
             RuntimeError: already started.
@@ -415,13 +444,27 @@ class TritonServer:
         busy = [port for port in (self.http_port, self.grpc_port, self.metrics_port) if _port_in_use(self.host, port)]
         if busy:
             raise ServerStartError(f"port(s) {busy} already in use on {self.host}")
-        home = system_triton_home()  # a wrong $INSTGENIE_TRITON_HOME fails before anything is made
-        self._workdir = tempfile.TemporaryDirectory(prefix="instgenie-triton-")
-        workdir = Path(self._workdir.name)
+        system_triton_home()  # a wrong $INSTGENIE_TRITON_HOME fails before anything is made
+        remove_leftovers()
+        self._workdir = tempfile.TemporaryDirectory(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}-")
         if self._log_file is None:
-            self._log_file = workdir / "tritonserver.log"
+            self._log_file = Path(self._workdir.name) / "tritonserver.log"
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
-        command = self.command(home / "backends" if home is not None else backend_directory(workdir / "backends"))
+        try:
+            self._front = ConnectionFront(
+                self.host, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
+            )
+        except OSError as exc:
+            raise ServerStartError(f"cannot listen on {self.host}: {exc}") from exc
+        self._launch()
+
+    def _launch(self, extra_environment: Mapping[str, str] | None = None) -> None:
+        """Start a ``tritonserver`` process on fresh private ports and route the front to them."""
+        assert self._workdir is not None and self._log_file is not None and self._front is not None
+        home = system_triton_home()
+        backends = home / "backends" if home is not None else backend_directory(Path(self._workdir.name) / "backends")
+        self._private = dict(zip(("http", "grpc", "metrics"), _free_ports("127.0.0.1", 3)))
+        command = self.command(backends, self._private)
         logger.info("starting %s", " ".join(command))
         with self._log_file.open("ab") as log:
             # A new session: terminal Ctrl-C reaches only us (we drain first), and the
@@ -431,9 +474,26 @@ class TritonServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_environment(),
+                env=server_environment()
+                | {SHM_PREFIX_VARIABLE: self.shm_prefix}
+                | self.environment
+                | dict(extra_environment or {}),
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
+        self._front.route(self._private)
+
+    def restart(self, extra_environment: Mapping[str, str] | None = None) -> None:
+        """Recover: close every client connection, kill the server's process group, start
+        a new server on the same public ports. Returns at once (then :meth:`wait_ready`)."""
+        if self._process is None or self._front is None:
+            raise RuntimeError("server not started")
+        closed = self._front.refuse()
+        self._kill_group(self._process.pid)
+        self._process.wait()
+        self._remove_shm()
+        logger.info("server killed (%d client connections closed); starting it again", closed)
+        self._launch(extra_environment)
 
     def alive(self) -> bool:
         """Whether the ``tritonserver`` process is running."""
@@ -444,6 +504,21 @@ class TritonServer:
         """The process's exit status (negative: killed by that signal); None while it runs or before start."""
         return None if self._process is None else self._process.poll()
 
+    def stub_processes(self) -> dict[int, str]:
+        """Live Python-backend stubs of the server: pid -> model instance (its model folder's name)."""
+        if self._process is None:
+            return {}
+        stubs = {}
+        for pid in process_group_members(self._process.pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 1:
+                # argv[1] is the model's version folder: <repository>/<model>/<version>/model.py
+                stubs[pid] = Path(argv[1].decode(errors="replace")).parent.parent.name
+        return stubs
+
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         """Poll ``GET /v2/health/ready`` until it answers 200, for up to ``timeout_s`` seconds.
 
@@ -453,7 +528,7 @@ class TritonServer:
         """
         if self._process is None:
             raise RuntimeError("server not started")
-        url = f"http://{self.http_url}/v2/health/ready"
+        url = f"http://127.0.0.1:{self._private['http']}/v2/health/ready"
         deadline = time.monotonic() + timeout_s
         while True:
             code = self._process.poll()
@@ -474,6 +549,15 @@ class TritonServer:
         """The last ``size`` characters of the server log, headed by its path ('' without a log)."""
         return f"--- {self._log_file} (tail) ---\n{_log_tail(self._log_file, size)}" if self._log_file else ""
 
+    def read_metrics(self, timeout_s: float = 1.0) -> str:
+        """The Prometheus text of Triton's metrics page (from its private port).
+
+        Raises:
+            OSError: the page cannot be read (server down or busy).
+        """
+        with urllib.request.urlopen(self.private_metrics_url, timeout=timeout_s) as response:
+            return response.read().decode()
+
     def drain(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` seconds until the :data:`DRAIN_GAUGES` sum to zero.
 
@@ -485,12 +569,11 @@ class TritonServer:
         failures = 0
         while self.alive():
             try:
-                with urllib.request.urlopen(self.metrics_url, timeout=1.0) as response:
-                    text = response.read().decode()
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                text = self.read_metrics()
+            except (OSError, ConnectionError) as exc:
                 failures += 1
                 if failures >= _METRICS_READ_ATTEMPTS:
-                    logger.warning("cannot read %s (%s); not draining", self.metrics_url, exc)
+                    logger.warning("cannot read %s (%s); not draining", self.private_metrics_url, exc)
                     return True
                 time.sleep(_POLL_S)
                 continue
@@ -505,12 +588,14 @@ class TritonServer:
         return True
 
     def stop(self, drain_timeout_s: float = 60.0, term_timeout_s: float = 15.0) -> int | None:
-        """Drain, SIGTERM, then SIGKILL the process group; remove its shared memory. Idempotent.
+        """Stop accepting, drain, close every client connection, SIGTERM; SIGKILL if it hangs. Idempotent.
+
+        With no client connection left, Triton unloads its models (``finalize()`` runs)
+        and exits 0 within ``exit_timeout_s``. Shared memory it leaves is removed.
 
         Args:
             drain_timeout_s: seconds to wait for running and queued requests to finish.
-            term_timeout_s: seconds Triton gets to exit after SIGTERM before SIGKILL
-                (an open gRPC stream that carried a request blocks its exit forever).
+            term_timeout_s: seconds Triton gets to exit after SIGTERM before SIGKILL.
                 Keep it above ``exit_timeout_s`` so Triton can finish its own shutdown.
 
         Returns the server's exit status (negative: killed by that signal), ``None`` if
@@ -520,8 +605,13 @@ class TritonServer:
             process = self._process
             if process is None:
                 return None
+            if self._front is not None:
+                self._front.stop_listening()
             if process.poll() is None:
                 self.drain(drain_timeout_s)
+                if self._front is not None:
+                    closed = self._front.refuse()
+                    logger.info("closed %d client connection(s) before stopping", closed)
                 # SIGTERM to the server alone: Triton then unloads models so finalize()
                 # runs; the stubs ignore SIGTERM anyway. SIGKILL below takes the group.
                 with contextlib.suppress(ProcessLookupError):
@@ -534,16 +624,15 @@ class TritonServer:
                     )
             self._kill_group(process.pid)
             code = process.wait()
-            for region in _SHM_DIR.glob(f"{self.shm_prefix}*"):
-                with contextlib.suppress(FileNotFoundError):
-                    region.unlink()
+            if self._front is not None:
+                self._front.close()
+                self._front = None
+            self._remove_shm()
             if self._workdir is not None:
                 self._workdir.cleanup()
                 if self._log_file is not None and self._log_file.is_relative_to(self._workdir.name):
                     self._log_file = None
                 self._workdir = None
-            # Non-zero after SIGTERM: Triton gave up at --exit-timeout-secs (e.g. an idle
-            # keep-alive client connection) without unloading models, so finalize() did not run.
             logger.log(logging.INFO if code == 0 else logging.WARNING, "tritonserver stopped (status %s)", code)
             return code
 
@@ -554,6 +643,9 @@ class TritonServer:
         self._kill_group(self._process.pid)
         self._process.wait()
         self.stop(drain_timeout_s=0)
+
+    def _remove_shm(self) -> None:
+        _remove_shm_regions(self.shm_prefix)
 
     @staticmethod
     def _kill_group(pgid: int, timeout_s: float = 5.0) -> None:
@@ -577,6 +669,73 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
+
+
+# --- what a killed launcher leaves ------------------------------------------------------
+
+_SHM_PREFIX = "instgenie_"
+#: Tells the stubs the server's shared-memory prefix, so the semaphores their worker
+#: pools create carry it and are removed with the server's regions.
+SHM_PREFIX_VARIABLE = "INSTGENIE_SHM_PREFIX"
+_WORKDIR_PREFIX = "instgenie-triton-"
+_REPOSITORY_PREFIX = "instgenie-repo-"
+_PR_SET_PDEATHSIG = 1
+_libc_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
+
+
+def _die_with_parent() -> None:
+    """In the forked child: SIGKILL when the launcher's starting thread dies (even by SIGKILL)."""
+    _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_pid(name: str, prefix: str) -> int | None:
+    """The launcher pid a leftover's name starts with after ``prefix`` (``None`` if it names none)."""
+    digits = name[len(prefix) :].split("_", 1)[0].split("-", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def _remove_shm_regions(prefix: str) -> None:
+    # Triton's regions start with the prefix; the stubs' multiprocessing semaphores are
+    # named "sem.<prefix>..." (see instgenie.codec: INSTGENIE_SHM_PREFIX).
+    for pattern in (f"{prefix}*", f"sem.{prefix}*"):
+        for region in _SHM_DIR.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                region.unlink()
+
+
+def remove_leftovers() -> list[Path]:
+    """Remove what launchers that died without stopping left: shared-memory regions and
+    temporary folders whose owner process is gone. Returns what was removed.
+
+    Their names carry the owning launcher's pid, so a running server's are never touched.
+    """
+    removed: list[Path] = []
+    for shm in [*_SHM_DIR.glob(f"{_SHM_PREFIX}*"), *_SHM_DIR.glob(f"sem.{_SHM_PREFIX}*")]:
+        owner = _owner_pid(shm.name.removeprefix("sem."), _SHM_PREFIX)
+        if owner is not None and not _pid_alive(owner):
+            with contextlib.suppress(FileNotFoundError):
+                shm.unlink()
+                removed.append(shm)
+    temp = Path(tempfile.gettempdir())
+    for prefix in (_WORKDIR_PREFIX, _REPOSITORY_PREFIX):
+        for folder in temp.glob(f"{prefix}*"):
+            owner = _owner_pid(folder.name, prefix)
+            if owner is not None and not _pid_alive(owner) and folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    if removed:
+        logger.info("removed what a killed launcher left: %s", ", ".join(str(p) for p in removed))
+    return removed
 
 
 # --- CLI ---------------------------------------------------------------------------
@@ -658,7 +817,7 @@ def _run_server(args: argparse.Namespace) -> int:
     if not model.is_dir():
         raise FileNotFoundError(f"model folder {model} does not exist")
     source = Path(args.model_repository) if args.model_repository else default_model_repository()
-    with tempfile.TemporaryDirectory(prefix="instgenie-repo-") as rendered:
+    with tempfile.TemporaryDirectory(prefix=f"{_REPOSITORY_PREFIX}{os.getpid()}-") as rendered:
         repository = render_repository(source, Path(rendered) / "models", serve_parameters(args, source, model))
         server = TritonServer(
             repository,
@@ -668,17 +827,35 @@ def _run_server(args: argparse.Namespace) -> int:
             host=args.host,
             log_file=args.log_file,
         )
+        from .supervisor import HealthEndpoint, SupervisionConfig, Supervisor  # they build on this module
+
+        supervisor = Supervisor(
+            server,
+            SupervisionConfig(
+                stall_timeout_s=args.stall_timeout,
+                max_restarts=args.max_restarts,
+                restart_window_s=args.restart_window,
+                ready_timeout_s=args.ready_timeout,
+            ),
+        )
+        health = HealthEndpoint(lambda: supervisor.health, args.host, args.health_port) if args.health_port >= 0 else None
+        drain_timeout = args.drain_timeout
         try:
             server.start()
             server.wait_ready(args.ready_timeout)
-            print(f"http: {server.http_url}\ngrpc: {server.grpc_url}\nmetrics: {server.metrics_url}\nready", flush=True)
-            while server.alive():  # a stop signal interrupts the sleep
-                time.sleep(1.0)
-            logger.error("tritonserver exited unexpectedly\n%s", server.log_tail())
+            print(f"http: {server.http_url}\ngrpc: {server.grpc_url}\nmetrics: {server.metrics_url}", flush=True)
+            if health is not None:
+                print(f"health: http://{server.http_url.rsplit(':', 1)[0]}:{health.port}/ready", flush=True)
+            print("ready", flush=True)
+            supervisor.run()  # returns only when recovery failed; a stop signal raises
+            logger.error("recovery failed; exiting so that the orchestrator restarts the instance\n%s", server.log_tail())
+            drain_timeout = 0.0  # a broken server's gauges are stale: nothing to wait for
             return 1
         finally:
             _ignore_stop_signals()
-            server.stop(drain_timeout_s=args.drain_timeout)
+            server.stop(drain_timeout_s=drain_timeout)
+            if health is not None:
+                health.close()
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -707,7 +884,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         default=os.environ.get("INSTGENIE_CACHE_DIR") or None,
         help="disk tier of the template caches, one per instance (default: $INSTGENIE_CACHE_DIR, else host memory only)",
     )
-    serve.add_argument("--cache-mode", help="cache storage mode, e.g. kv-bfloat16-unmasked (default: model config)")
+    serve.add_argument(
+        "--cache-mode", help="cache storage mode, e.g. bfloat16,unmasked or float32,input (default: model config)"
+    )
     serve.add_argument("--cache-budget-bytes", type=int, help="host-memory tier budget (default: model config)")
     serve.add_argument(
         "--cost-model",
@@ -717,6 +896,22 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     serve.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
     serve.add_argument("--drain-timeout", type=float, default=60.0, help="seconds running requests get on shutdown")
+    serve.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        help="seconds with requests active and no denoising step finished before the server counts as wedged and is restarted",
+    )
+    serve.add_argument(
+        "--max-restarts", type=int, default=5, help="restarts allowed within --restart-window; one more exits 1 (give up)"
+    )
+    serve.add_argument("--restart-window", type=float, default=600.0, help="seconds over which restarts are counted")
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        default=8003,
+        help="the launcher's probes: /live (supervising) and /ready (server ready, no fault); 0 = any free port, -1 = off",
+    )
     serve.set_defaults(run=_serve)
     return serve
 

@@ -34,7 +34,9 @@ _GAUGES = {
 class TritonLoopMetrics(LoopObserver):
     """A :class:`~instgenie.step_loop.LoopObserver` writing Triton custom metrics."""
 
-    def __init__(self, pb_utils: Any, labels: dict[str, str], text_tokens: int | None = None) -> None:
+    def __init__(
+        self, pb_utils: Any, labels: dict[str, str], text_tokens: int | None = None, restarts: int = 0
+    ) -> None:
         self._pb = pb_utils
         self._labels = dict(labels)
         self._families: list[Any] = []  # a Metric dies with its MetricFamily: keep them alive
@@ -74,6 +76,12 @@ class TritonLoopMetrics(LoopObserver):
         )
         self._errors: dict[str, Any] = {}
         self._errors_lock = threading.Lock()
+        # The launcher's count of recoveries (a restart resets every other counter).
+        self._restarts = self._metric(
+            "instgenie_server_restarts_total", "Times the launcher restarted this server after a fault", kinds.COUNTER
+        )
+        if restarts:
+            self._restarts.increment(float(restarts))
 
     def _family(self, name: str, description: str, kind: Any) -> Any:
         family = self._pb.MetricFamily(name=name, description=description, kind=kind)

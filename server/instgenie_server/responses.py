@@ -10,27 +10,20 @@ import numpy as np
 
 from instgenie.errors import InstGenIEError
 from instgenie.step_loop import JobOutcome
-from instgenie_client.protocol import error_message
+from instgenie_client.protocol import error_code, error_message
 
 from .tensors import outcome_outputs, progress_outputs
 
 log = logging.getLogger(__name__)
 
-# error reason -> name of the pb_utils.TritonError code
-_CODES = {
-    "queue_full": "UNAVAILABLE",
-    "shutting_down": "UNAVAILABLE",
-    "cache_corrupt": "UNAVAILABLE",  # being recorded again: retry shortly
-    "cache_write_failed": "INTERNAL",
-    "cancelled": "CANCELLED",
-    "internal": "INTERNAL",
-}
-
-
 def triton_error(pb_utils: Any, request_id: str, error: InstGenIEError) -> Any:
-    code_name = _CODES.get(error.reason, "INVALID_ARG")
-    code = getattr(pb_utils.TritonError, code_name, pb_utils.TritonError.INTERNAL)
-    return pb_utils.TritonError(error_message(request_id, error.reason, str(error)), code)
+    return triton_error_from_text(pb_utils, error_message(request_id, error.reason, str(error)), error.reason)
+
+
+def triton_error_from_text(pb_utils: Any, text: str, reason: str) -> Any:
+    """A ``pb_utils.TritonError`` with the status :func:`~instgenie_client.protocol.error_code` gives ``reason``."""
+    code = getattr(pb_utils.TritonError, error_code(reason), pb_utils.TritonError.INTERNAL)
+    return pb_utils.TritonError(text, code)
 
 
 def response(pb_utils: Any, outputs: dict[str, np.ndarray]) -> Any:

@@ -8,6 +8,12 @@ CRC-32 of every file). Writes are atomic: a template is written into a
 manifest are on disk, so a crash mid-write leaves nothing that loads. Reads
 memory-map the file, check its size and checksum before parsing, and raise
 :class:`~instgenie.errors.CacheCorrupt` on any mismatch: a bad file is never used.
+
+Confinement: a template id reaches this tier from clients, so every path is built
+by :meth:`DiskTier.template_dir`, which takes only the template-id form and refuses
+a folder that is a symbolic link or resolves outside the tier's folder; files are
+opened without following links. Nothing outside the folder is read or deleted, and
+error messages name templates and files, never server paths (those go to the log).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Iterable
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ..errors import CacheCorrupt, CacheWriteFailed
+from ..errors import CacheCorrupt, CacheWriteFailed, UnknownTemplate
+from ..template_ids import check_template_id, is_template_id
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,13 @@ def step_file(step: int) -> str:
     return f"step-{step:04d}.safetensors"
 
 
-def _parse_safetensors(buffer: memoryview, path: Path, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_no_follow(path: Path) -> str:
+    """A small text file's contents; a symbolic link is refused (``OSError`` ELOOP)."""
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
+        return handle.read().decode()
+
+
+def _parse_safetensors(buffer: memoryview, path: str, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors image; the tensors view ``buffer`` unless ``copy``."""
     try:
         (header_len,) = struct.unpack("<Q", buffer[:8])
@@ -80,14 +93,30 @@ class DiskTier:
     """Template caches of one storage mode under ``root``, for one model."""
 
     def __init__(self, root: str | Path, mode_name: str, model_fingerprint: str) -> None:
-        self.folder = Path(root) / mode_name
         self.model_fingerprint = model_fingerprint
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            (Path(root) / mode_name).mkdir(parents=True, exist_ok=True)
+            # Resolved once: the confinement checks compare against the real folder.
+            self.folder = (Path(root) / mode_name).resolve(strict=True)
         except OSError as exc:
-            raise CacheWriteFailed(f"cannot create the cache folder {self.folder}: {exc}") from exc
+            log.error("cannot create the cache folder %s: %s", Path(root) / mode_name, exc)
+            raise CacheWriteFailed(f"cannot create the cache folder ({exc.strerror})") from exc
         for partial in self.folder.glob(".partial-*"):  # left by a crash mid-write
             shutil.rmtree(partial, ignore_errors=True)
+
+    def template_dir(self, template_id: str) -> Path:
+        """The folder of ``template_id`` (which need not exist), confined to this tier.
+
+        Raises:
+            UnknownTemplate: ``template_id`` is not of the template-id form.
+            CacheCorrupt: the folder is a symbolic link or resolves outside the tier
+                (planted by someone with access to the cache folder); it is left alone.
+        """
+        path = self.folder / check_template_id(template_id)
+        if path.is_symlink() or (path.exists() and path.resolve().parent != self.folder):
+            log.error("refusing %s: a link or a folder outside the cache folder %s", path, self.folder)
+            raise CacheCorrupt(f"the cache of template {template_id} is not a folder of the cache; it is not used")
+        return path
 
     # -- writing -----------------------------------------------------------------------
     def write(
@@ -98,6 +127,7 @@ class DiskTier:
         steps: Iterable[tuple[int, dict[str, torch.Tensor]]],
     ) -> int:
         """Write a template atomically; return the bytes written."""
+        final = self.template_dir(template_id)
         partial = self.folder / f".partial-{template_id}-{uuid.uuid4().hex[:8]}"
         files: dict[str, dict[str, int]] = {}
         try:
@@ -116,7 +146,6 @@ class DiskTier:
             }
             self._write_bytes(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
             self._fsync_dir(partial)
-            final = self.folder / template_id
             if final.exists():  # re-recorded (after corruption): swap, then drop the old one
                 old = self.folder / f".partial-old-{template_id}-{uuid.uuid4().hex[:8]}"
                 final.rename(old)
@@ -127,7 +156,8 @@ class DiskTier:
             self._fsync_dir(self.folder)
         except OSError as exc:
             shutil.rmtree(partial, ignore_errors=True)
-            raise CacheWriteFailed(f"cannot write the cache of template {template_id} to {self.folder}: {exc}") from exc
+            log.error("cannot write the cache of template %s to %s: %s", template_id, self.folder, exc)
+            raise CacheWriteFailed(f"cannot write the cache of template {template_id}: {exc.strerror}") from exc
         return sum(f["bytes"] for f in files.values())
 
     def _write_file(self, path: Path, tensors: dict[str, torch.Tensor], info: dict[str, str] | None) -> dict[str, int]:
@@ -152,19 +182,23 @@ class DiskTier:
 
     # -- reading -----------------------------------------------------------------------
     def has(self, template_id: str) -> bool:
-        return (self.folder / template_id / MANIFEST).is_file()
+        if not is_template_id(template_id):
+            return False
+        path = self.folder / template_id
+        return not path.is_symlink() and (path / MANIFEST).is_file() and not (path / MANIFEST).is_symlink()
 
     def template_ids(self) -> list[str]:
-        return sorted(p.parent.name for p in self.folder.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+        return sorted(p.name for p in self.folder.iterdir() if is_template_id(p.name) and self.has(p.name))
 
     def manifest(self, template_id: str) -> dict:
-        path = self.folder / template_id / MANIFEST
+        path = self.template_dir(template_id) / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
+            manifest = json.loads(_read_no_follow(path))
         except FileNotFoundError:
-            raise CacheCorrupt(f"the cache of template {template_id} is gone from {self.folder}") from None
+            raise CacheCorrupt(f"the cache of template {template_id} is gone") from None
         except (OSError, ValueError) as exc:
-            raise CacheCorrupt(f"the cache manifest {path} is unreadable: {exc}") from exc
+            log.error("cache manifest %s is unreadable: %s", path, exc)
+            raise CacheCorrupt(f"the cache manifest of template {template_id} is unreadable") from exc
         if manifest.get("format") != FORMAT or manifest.get("model") != self.model_fingerprint:
             raise CacheCorrupt(f"the cache of template {template_id} was written for another model or format")
         return manifest
@@ -179,27 +213,30 @@ class DiskTier:
 
     def _read(self, template_id: str, name: str, copy: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         expected = self.manifest(template_id)["files"].get(name)
-        path = self.folder / template_id / name
+        path = self.template_dir(template_id) / name
+        where = f"{template_id}/{name}"  # what a client may be told
         if expected is None:
             raise CacheCorrupt(f"the cache manifest of template {template_id} lists no {name}")
         try:
-            with open(path, "rb") as handle:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with open(fd, "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if size != expected["bytes"]:
-                    raise CacheCorrupt(f"cache file {path} has {size} bytes, expected {expected['bytes']} (truncated?)")
+                    raise CacheCorrupt(f"cache file {where} has {size} bytes, expected {expected['bytes']} (truncated?)")
                 if size == 0:
-                    raise CacheCorrupt(f"cache file {path} is empty")
+                    raise CacheCorrupt(f"cache file {where} is empty")
                 # Copy-on-write: tensors viewing the map may be written to without touching the file.
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         except FileNotFoundError:
-            raise CacheCorrupt(f"cache file {path} is missing") from None
-        except OSError as exc:
-            raise CacheCorrupt(f"cache file {path} cannot be read: {exc}") from exc
+            raise CacheCorrupt(f"cache file {where} is missing") from None
+        except OSError as exc:  # ELOOP: a planted link
+            log.error("cache file %s cannot be read: %s", path, exc)
+            raise CacheCorrupt(f"cache file {where} cannot be read ({exc.strerror})") from exc
         view = memoryview(mapped)
         try:
             if zlib.crc32(view) != expected["crc32"]:
-                raise CacheCorrupt(f"cache file {path} fails its checksum")
-            tensors, metadata = _parse_safetensors(view, path, copy)
+                raise CacheCorrupt(f"cache file {where} fails its checksum")
+            tensors, metadata = _parse_safetensors(view, where, copy)
         except CacheCorrupt:
             view.release()
             mapped.close()
@@ -211,8 +248,12 @@ class DiskTier:
         return tensors, metadata
 
     def delete(self, template_id: str) -> None:
-        target = self.folder / template_id
-        if target.exists():
+        """Remove a template's folder; anything that is not a folder of this tier is left alone."""
+        try:
+            target = self.template_dir(template_id)
+        except (UnknownTemplate, CacheCorrupt):
+            return
+        if target.is_dir():
             trash = self.folder / f".partial-del-{template_id}-{uuid.uuid4().hex[:8]}"
             try:
                 target.rename(trash)

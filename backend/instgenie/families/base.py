@@ -127,6 +127,11 @@ class Family(ABC):
         # Pipeline helpers read ``pipe.scheduler``; each request owns a scheduler copy
         # (diffusers schedulers keep one global step index), swapped in under a lock.
         self._pipeline_lock = threading.RLock()
+        # The fast tokenizers keep their padding and truncation settings on one shared
+        # object: the pipelines' encode_prompt sets padding="max_length", then
+        # padding="longest" for a truncation check, so two threads interleaving gave a
+        # prompt its neighbour's length ([1, 3, C] among [1, 32, C]) and failed a batch.
+        self._text_lock = threading.Lock()
         self.num_sites = self.install_processors()
 
     # -- setup -------------------------------------------------------------
@@ -176,9 +181,14 @@ class Family(ABC):
     def schedule(self, scheduler: Any, settings: GenerationSettings) -> torch.Tensor:
         """Set ``scheduler`` up for ``settings`` as the pipeline does; return its timesteps."""
 
-    @abstractmethod
     def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
-        """Encode ``prompt`` (and the negative prompt under CFG)."""
+        """Encode ``prompt`` (and the negative prompt under CFG); one caller at a time (see ``_text_lock``)."""
+        with self._text_lock:
+            return self._encode_prompt(prompt, settings)
+
+    @abstractmethod
+    def _encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
+        """The pipeline's own prompt encoding; called under ``_text_lock``."""
 
     @abstractmethod
     def prepare_latents(

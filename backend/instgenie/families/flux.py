@@ -57,7 +57,7 @@ class FluxFamily(Family):
             timesteps, _ = self.pipe.get_timesteps(steps, settings.strength, self.device)
         return timesteps
 
-    def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
+    def _encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
         with torch.no_grad():
             prompt_embeds, pooled, _ = self.pipe.encode_prompt(
                 prompt=prompt, prompt_2=None, device=self.device, max_sequence_length=settings.max_sequence_length

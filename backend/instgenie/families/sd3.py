@@ -98,7 +98,7 @@ class SD3InpaintFamily(Family):
             timesteps, _ = self.pipe.get_timesteps(settings.steps, settings.strength, self.device)
         return timesteps
 
-    def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
+    def _encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
         cfg = settings.guidance > 1  # classifier-free guidance, as the pipeline decides it
         with torch.no_grad():
             embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(

@@ -1,6 +1,7 @@
 """Triton adapter of the InstGenIE step loop (decoupled): tensors in, loop calls, responses out."""
 
 import logging
+import os
 import uuid
 
 import triton_python_backend_utils as pb_utils
@@ -8,9 +9,12 @@ import triton_python_backend_utils as pb_utils
 from instgenie import Engine
 from instgenie.codec import ProcessCodec
 from instgenie.errors import InstGenIEError
+from instgenie.lifetime import exit_with_parent
 from instgenie.step_loop import StepLoop
 from instgenie.scheduler import FcfsScheduler
 from instgenie_server.config import ModelParameters
+from instgenie_server.launcher import SHM_PREFIX_VARIABLE
+from instgenie_server.supervisor import RESTARTS_VARIABLE
 from instgenie_server.metrics import CacheMetrics, GpuMetrics, TritonLoopMetrics
 from instgenie_server.responses import TritonJobSink
 from instgenie_server.tensors import parse_request, template_list_outputs
@@ -20,6 +24,9 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 
 class TritonPythonModel:
     def initialize(self, args):
+        # A tritonserver killed outright leaves this stub waiting at exit for its codec
+        # workers, which wait for it: it leaves with the server instead.
+        exit_with_parent()
         self.params = ModelParameters.from_args(args)
         self.engine = Engine.from_pretrained(
             self.params.model_dir,
@@ -39,10 +46,13 @@ class TritonPythonModel:
                     nice=self.params.codec_nice,
                     device=self.params.device,
                     dtype=self.params.torch_dtype,
+                    semaphore_prefix=os.environ.get(SHM_PREFIX_VARIABLE),
                 )
             )
         labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
-        self.metrics = TritonLoopMetrics(pb_utils, labels, text_tokens=self.params.max_sequence_length)
+        self.metrics = TritonLoopMetrics(
+            pb_utils, labels, text_tokens=self.params.max_sequence_length, restarts=int(os.environ.get(RESTARTS_VARIABLE, "0"))
+        )
         self.cache_metrics = CacheMetrics(pb_utils, labels, self.engine.store)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
         self.loop = StepLoop(

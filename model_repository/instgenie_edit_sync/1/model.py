@@ -5,7 +5,8 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from instgenie_client.protocol import OUTPUTS
+from instgenie_client.protocol import OUTPUTS, ServerError
+from instgenie_server.responses import triton_error_from_text
 
 
 class TritonPythonModel:
@@ -29,10 +30,13 @@ class TritonPythonModel:
         # Iterating the decoupled responses blocks; keep the event loop free for other requests.
         final = await asyncio.get_running_loop().run_in_executor(None, _last_response, responses)
         if final is None:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.edit_model} sent no response"))
+            text = f"[request {request.request_id()}] internal: {self.edit_model} sent no response"
+            return pb_utils.InferenceResponse(error=triton_error_from_text(pb_utils, text, "internal"))
         if final.has_error():
-            error = final.error()
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message(), error.code()))
+            # The status code does not survive the BLS hop (it arrives as INTERNAL), so
+            # it is derived again from the reason the message carries.
+            text = final.error().message()
+            return pb_utils.InferenceResponse(error=triton_error_from_text(pb_utils, text, ServerError.parse(text).reason))
         return pb_utils.InferenceResponse(output_tensors=final.output_tensors())
 
 
