@@ -316,8 +316,19 @@ def test_the_sync_model_answers_client_mistakes_with_400_and_invalid_argument(se
 
 def test_sigterm_with_connections_and_streams_open_stops_cleanly(served: Launcher, long_template: str) -> None:
     """Idle keep-alive HTTP, an open gRPC stream that carried a request, an SSE stream that
-    finished, and a streamed edit still running: exit 0, every model unloaded (finalize
-    ran), nothing in /dev/shm, within the drain timeout + 10 s."""
+    finished, a router in front that routed an edit (its channel open, its scrapes
+    going on), and a streamed edit still running: exit 0, every model unloaded
+    (finalize ran), nothing in /dev/shm, within the drain timeout + 10 s."""
+    from instgenie_router.service import Router, RouterConfig
+
+    spec = f"127.0.0.1:{served.grpc}:{served.http}:{served.metrics}"
+    router = Router(RouterConfig([spec], grpc_port=0, http_port=0, metrics_port=0)).start()
+    deadline = time.monotonic() + 30
+    while not router.pool.healthy():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    routed = InstGenIEClient(f"127.0.0.1:{router.grpc_port}").edit(png(rect_mask(0.2, seed=5)), "a lamp", template_id=long_template)
+    assert routed.computed_tokens < routed.num_tokens
     keep_alive = http.client.HTTPConnection("127.0.0.1", served.http)
     keep_alive.request("GET", "/v2/health/ready")
     keep_alive.getresponse().read()
@@ -340,7 +351,8 @@ def test_sigterm_with_connections_and_streams_open_stops_cleanly(served: Launche
     assert served.shm_entries() == []
     keep_alive.close()
     idle_stream.close()
-    print(f"stopped cleanly in {took:.1f} s with open connections and a running edit")
+    router.stop()
+    print(f"stopped cleanly in {took:.1f} s with open connections, a router and a running edit")
 
 
 # -- the launcher's own death, and giving up ------------------------------------------------------
@@ -390,3 +402,89 @@ def test_recovery_that_keeps_failing_gives_up_and_exits_1(model_dirs: dict[str, 
         assert launcher.shm_entries() == []
     finally:
         launcher.stop()
+
+
+# -- no client ever hangs ---------------------------------------------------------------------------
+
+
+def test_no_client_hangs_on_a_silent_server(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Requests in flight when the edit stub freezes (SIGSTOP; an unsupervised server of
+    the test's own): every client gives up within its stall timeout with an error naming
+    the request, and so does the router within its request timeout, gRPC and SSE alike."""
+    import asyncio
+
+    from instgenie_client import AsyncInstGenIEClient
+    from instgenie_router.service import Router, RouterConfig
+    from instgenie_server.launcher import TritonServer, default_model_repository, models_with_parameter, render_repository
+
+    stall, router_timeout = 2.0, 10.0
+    source = default_model_repository()
+    parameters = {"model_dir": str(model_dirs["flux-fill"]), "max_sequence_length": str(TEXT_LEN), "codec_nice": "0"}
+    repository = render_repository(source, tmp_path / "models", dict.fromkeys(models_with_parameter(source, "model_dir"), parameters))
+    server = TritonServer(repository, log_file=tmp_path / "server.log")
+    with server:
+        template_id = InstGenIEClient(server.grpc_url).register_template(png(template_image(41)), "a", seed=1, steps=LONG_STEPS)
+        mask = png(rect_mask(1.0))  # every token: slow steps, still running when the stub freezes
+        (mask_file := tmp_path / "m.png").write_bytes(mask)
+        spec = f"127.0.0.1:{server.grpc_port}:{server.http_port}:{server.metrics_port}"
+        config = RouterConfig([spec], grpc_port=0, http_port=0, metrics_port=0, request_timeout_s=router_timeout)
+        (stub,) = [pid for pid, model in server.stub_processes().items() if model == "instgenie_edit"]
+        started: dict[str, float] = {}
+        results: dict[str, tuple[float, BaseException | None]] = {}
+
+        def timed(name: str, call) -> None:  # type: ignore[no-untyped-def]
+            started[name] = time.monotonic()
+            try:
+                call()
+                results[name] = (time.monotonic(), None)
+            except BaseException as error:  # noqa: BLE001 - recorded, asserted below
+                results[name] = (time.monotonic(), error)
+
+        def cli() -> None:
+            command = [sys.executable, "-c", "import sys; from instgenie.cli import main; sys.exit(main())", "edit", "--url",
+                       server.grpc_url, "--template-id", template_id, "--mask", str(mask_file), "--prompt", "x",
+                       "--stall-timeout", str(stall), "-o", str(tmp_path / "o.png"), "--no-progress"]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()}")
+
+        with Router(config) as router:
+            deadline = time.monotonic() + 30
+            while not router.pool.healthy():
+                assert time.monotonic() < deadline, "the router never saw the instance healthy"
+                time.sleep(0.1)
+            via_router = f"127.0.0.1:{router.grpc_port}"
+            sse_url = f"127.0.0.1:{server.http_port}"
+            calls = {
+                "grpc": lambda: InstGenIEClient(server.grpc_url, stall_timeout_s=stall).edit(mask, "x", template_id=template_id, request_id="g1"),
+                "asyncio": lambda: asyncio.run(AsyncInstGenIEClient(server.grpc_url, stall_timeout_s=stall).edit(mask, "x", template_id=template_id, request_id="a1")),
+                "sse": lambda: SseInstGenIEClient(sse_url, stall_timeout_s=stall).edit(mask, "x", template_id=template_id, request_id="s1"),
+                "cli": cli,
+                # No limits of their own: the router's request timeout ends them.
+                "router grpc": lambda: InstGenIEClient(via_router, timeout_s=None, stall_timeout_s=None).edit(mask, "x", template_id=template_id, request_id="r1"),
+                "router sse": lambda: SseInstGenIEClient(f"127.0.0.1:{router.http_port}", timeout_s=None, stall_timeout_s=None).edit(mask, "x", template_id=template_id, request_id="r2"),
+            }  # fmt: skip
+            threads = [threading.Thread(target=timed, args=item) for item in calls.items()]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 30
+            while gauge_sum(server.read_metrics(), "instgenie_active_requests") < len(calls):  # all in flight
+                assert time.monotonic() < deadline and not results, results
+                time.sleep(0.02)
+            os.kill(stub, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            for thread in threads:
+                thread.join(60)
+        server.kill()  # a stopped stub is not a server to stop cleanly (nor to send cancellations to)
+    for name in ("grpc", "asyncio", "sse", "cli"):
+        ended, error = results[name]
+        assert error is not None and stall - 0.5 <= ended - frozen_at < stall + 8, (name, ended - frozen_at, error)
+    for name, request_id in (("grpc", "g1"), ("asyncio", "a1"), ("sse", "s1")):
+        error = results[name][1]
+        assert isinstance(error, RequestTimeout) and error.reason == "stalled" and f"[request {request_id}]" in str(error)
+    assert "exit 1" in str(results["cli"][1]) and "stalled" in str(results["cli"][1])
+    for name, request_id in (("router grpc", "r1"), ("router sse", "r2")):
+        ended, error = results[name]
+        assert router_timeout - 0.5 <= ended - started[name] < router_timeout + 8 and ended > frozen_at, (name, error)
+        assert isinstance(error, InstGenIEServerError) and error.request_id == request_id, (name, error)
+        assert error.reason in ("timeout", "unavailable"), (name, error)
+    print("gave up after the freeze: " + ", ".join(f"{name} {ended - frozen_at:.1f} s" for name, (ended, _) in results.items()))

@@ -226,11 +226,19 @@ def test_size_off_the_16_pixel_grid_is_invalid_image(fill: Engine, size: tuple[i
 
 
 def test_unknown_template_id_is_unknown_template(fill: Engine) -> None:
-    with pytest.raises(UnknownTemplate, match=re.escape("tpl-does-not-exist")) as info:
-        fill.edit(png(rect_mask(0.5)), EDIT_PROMPT, template_id="tpl-does-not-exist")
+    never_registered = "tpl-" + "e" * 20
+    with pytest.raises(UnknownTemplate, match=re.escape(never_registered)) as info:
+        fill.edit(png(rect_mask(0.5)), EDIT_PROMPT, template_id=never_registered)
     assert isinstance(info.value, KeyError)
     assert "register it" in str(info.value)
     assert info.value.reason == "unknown_template"
+
+
+@pytest.mark.parametrize("template_id", ["tpl-does-not-exist", "/etc/passwd", "../../x", "tpl-" + "A" * 20, 7])
+def test_a_malformed_template_id_is_unknown_template_and_not_repeated(fill: Engine, template_id: object) -> None:
+    with pytest.raises(UnknownTemplate) as info:
+        fill.edit(png(rect_mask(0.5)), EDIT_PROMPT, template_id=template_id)  # type: ignore[arg-type]
+    assert "'tpl-' and 20 lowercase hex digits" in str(info.value) and str(template_id) not in str(info.value)
 
 
 def test_steps_differ_from_template_is_template_mismatch(

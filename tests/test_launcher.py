@@ -343,6 +343,20 @@ def test_serve_command_sets_run() -> None:
     assert callable(args.run) and args.max_active == 3 and args.http_port == 8000
 
 
+def test_the_cache_mode_examples_in_the_help_are_modes_the_model_accepts() -> None:
+    import argparse
+
+    from instgenie.cache import CacheMode
+
+    parser = argparse.ArgumentParser()
+    serve = add_serve_command(parser.add_subparsers(dest="command"))
+    (action,) = [a for a in serve._actions if "--cache-mode" in a.option_strings]
+    examples = action.help.split("e.g. ", 1)[1].split(" (", 1)[0].split(" or ")
+    assert len(examples) >= 2
+    for example in examples:
+        CacheMode.parse(example)  # raises on a mode the server would refuse at load
+
+
 def test_serve_sets_cache_parameters_only_where_declared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 

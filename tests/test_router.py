@@ -143,6 +143,11 @@ def test_instance_specs_accept_ipv6_literals() -> None:
     assert instance.metrics_url == "http://[fd00::7]:8002/metrics"
 
 
+def test_the_router_listens_on_the_loopback_unless_told_otherwise() -> None:
+    # As `instgenie serve`: compose and Kubernetes pass --host 0.0.0.0 themselves.
+    assert RouterConfig(["127.0.0.1:8001"]).host == "127.0.0.1"
+
+
 def test_router_config_file_with_command_line_overrides(tmp_path: Path) -> None:
     file = tmp_path / "router.toml"
     file.write_text('instances = ["a:8001", "dns:fleet.svc:8001"]\npolicy = "least_requests"\ngrpc_port = 9101\nscrape_interval_s = 1.5\n')

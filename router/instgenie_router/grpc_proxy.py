@@ -360,7 +360,8 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
                 return False
             self.metrics.count("instgenie_router_failed_total", instance.name)
             if final or exc.code() not in _RETRYABLE:
-                stream.send(_error_response(request, "upstream_error", f"{exc.code().name}: {exc.details()}"))
+                reason = "timeout" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "upstream_error"
+                stream.send(_error_response(request, reason, f"{instance.name}: {exc.code().name}: {exc.details()}"))
                 return False
             log.warning("request %s failed on %s (%s); retrying elsewhere", request.id, instance.name, exc.code().name)
             self._eject(instance, exc)

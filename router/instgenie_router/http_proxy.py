@@ -102,10 +102,11 @@ def _relay(
     """
     router.metrics.count("instgenie_router_routed_total", instance.name)
     deadline = time.monotonic() + router.config.request_timeout_s
-    streaming = False
+    answered = streaming = False
     try:
         response = connection.getresponse()
         handler.send_response(response.status)
+        answered = True
         for name, value in response.getheaders():
             if name.lower() not in _HOP_BY_HOP:
                 handler.send_header(name, value)
@@ -125,10 +126,17 @@ def _relay(
             handler.wfile.flush()
     except (OSError, http.client.HTTPException) as exc:
         # The client went away (which cancels the request upstream as the connection
-        # closes below), or the instance did mid-response: nothing can be retried.
+        # closes below), or the instance failed or went silent: nothing can be retried.
         log.info("HTTP %s: relay from %s ended: %s", handler.path, instance.name, exc)
-        if streaming:
-            _send_stream_error(handler, request_id, instance, exc)
+        timed_out = isinstance(exc, TimeoutError)
+        text = error_message(request_id, "timeout" if timed_out else "unavailable",
+                             f"instance {instance.name} stopped answering: {exc}")  # fmt: skip
+        with contextlib.suppress(OSError):
+            if not answered:
+                _reply_error(handler, 504 if timed_out else 502, text)
+            elif streaming:  # an SSE client hears it as the instances' own errors read
+                handler.wfile.write(b"data: " + json.dumps({"error": text}).encode() + b"\n\n")
+                handler.wfile.flush()
     finally:
         connection.close()
         router.pool.finish(instance, key)
@@ -168,14 +176,6 @@ def _broadcast(router: "Router", handler: BaseHTTPRequestHandler, method: str, b
     handler.send_header("Content-Length", str(len(content)))
     handler.end_headers()
     handler.wfile.write(content)
-
-
-def _send_stream_error(handler: BaseHTTPRequestHandler, request_id: str, instance: Instance, exc: Exception) -> None:
-    """End an SSE answer whose instance failed or went silent with an error event (if the client is still there)."""
-    text = error_message(request_id, "unavailable", f"instance {instance.name} stopped answering: {exc}")
-    with contextlib.suppress(OSError):
-        handler.wfile.write(b"data: " + json.dumps({"error": text}).encode() + b"\n\n")
-        handler.wfile.flush()
 
 
 def _reply_error(handler: BaseHTTPRequestHandler, status: int, message: str) -> None:
