@@ -26,7 +26,7 @@ wait_ready() {
 # other: the first builds the tiny model the second reuses.
 specs=()
 for n in 1 2; do
-    $BIN/instgenie serve --http-port 0 --grpc-port 0 --metrics-port 0 --max-sequence-length 32 \
+    $BIN/instgenie serve --http-port 0 --grpc-port 0 --metrics-port 0 --health-port 0 --max-sequence-length 32 \
         --log-file "out/server$n.log" > "out/serve$n.txt" &
     pids+=($!)
     wait_ready "out/serve$n.txt" "${pids[-1]}" "out/server$n.log"

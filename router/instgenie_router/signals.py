@@ -9,6 +9,7 @@ instance at once when it refuses a connection.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import urllib.error
@@ -54,6 +55,10 @@ def parse_metrics(text: str, names: Iterable[str] = SCRAPED_SERIES) -> dict[str,
     return values
 
 
+#: Health checks in a row that time out before a busy instance counts as gone.
+SLOW_CHECKS_TO_EJECT = 3
+
+
 class Scraper:
     """A thread that scrapes and health-checks every instance of a pool.
 
@@ -72,6 +77,7 @@ class Scraper:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.on_change = on_change
+        self._slow: dict[str, int] = {}  # health checks in a row that timed out, per instance
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="instgenie-router-scraper", daemon=True)
 
@@ -89,8 +95,12 @@ class Scraper:
             self.check(instance)
 
     def check(self, instance: Instance) -> bool:
-        ready = self._ready(instance)
-        if ready:
+        answer = self._ready(instance)
+        # A refusal or a 503 is an answer: eject at once. A check that timed out may be a
+        # busy machine: only SLOW_CHECKS_TO_EJECT of them in a row eject.
+        slow = self._slow[instance.name] = self._slow.get(instance.name, 0) + 1 if answer is None else 0
+        ready = answer if answer is not None else (instance.healthy and slow < SLOW_CHECKS_TO_EJECT)
+        if answer:
             try:
                 with urllib.request.urlopen(instance.metrics_url, timeout=self.timeout_s) as response:
                     values = parse_metrics(response.read().decode())
@@ -106,12 +116,17 @@ class Scraper:
             if self.on_change is not None:
                 self.on_change(instance, healthy)
 
-    def _ready(self, instance: Instance) -> bool:
+    def _ready(self, instance: Instance) -> bool | None:
+        """Whether the instance answers ready; ``None`` when the check timed out."""
         try:
             url = f"http://{instance.http_address}/v2/health/ready"
             with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
                 return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        except TimeoutError:
+            return None
+        except urllib.error.URLError as exc:
+            return None if isinstance(exc.reason, TimeoutError) else False
+        except (ConnectionError, OSError, http.client.HTTPException):
             return False
 
     def _run(self) -> None:

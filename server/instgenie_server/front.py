@@ -23,7 +23,7 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class ConnectionFront:
         self._thread = threading.Thread(target=self._loop.run_forever, name="instgenie-front", daemon=True)
         self._thread.start()
         self._targets: dict[str, int] = {}
+        self._last_upload = 0.0  # loop time of the last request bytes a client sent (not metrics)
         self._relays: set[asyncio.Transport] = set()  # every open transport, client and upstream sides
         self._servers: dict[str, asyncio.base_events.Server] = {}
         self.ports: dict[str, int] = {}
@@ -77,6 +78,14 @@ class ConnectionFront:
     def open_connections(self) -> int:
         """Client connections being relayed now."""
         return self._call(self._count())
+
+    def quiet_s(self) -> float:
+        """Seconds since a client last sent bytes to the HTTP or gRPC endpoint (not the metrics one).
+
+        A request in transit is invisible to the server's gauges for a moment; a drain
+        waits for a quiet front as well as for idle gauges.
+        """
+        return self._call(self._quiet())
 
     def close(self) -> None:
         """Close every connection and listener and end the relay thread. Idempotent."""
@@ -109,6 +118,12 @@ class ConnectionFront:
     async def _count(self) -> int:
         return len(self._relays) // 2
 
+    async def _quiet(self) -> float:
+        return self._loop.time() - self._last_upload
+
+    def _uploaded(self) -> None:
+        self._last_upload = self._loop.time()
+
     def _handler(self, name: str):  # type: ignore[no-untyped-def]
         async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
             target = self._targets.get(name)
@@ -128,9 +143,10 @@ class ConnectionFront:
                 with contextlib.suppress(OSError):
                     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._relays.update(pair)
+            uploaded = None if name == "metrics" else self._uploaded
             try:
                 await asyncio.gather(
-                    _pump(client_reader, upstream_writer, pair), _pump(upstream_reader, client_writer, pair)
+                    _pump(client_reader, upstream_writer, pair, uploaded), _pump(upstream_reader, client_writer, pair)
                 )
             finally:
                 for transport in pair:
@@ -140,10 +156,17 @@ class ConnectionFront:
         return relay
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: tuple[asyncio.Transport, ...]) -> None:
+async def _pump(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    pair: tuple[asyncio.Transport, ...],
+    on_data: Callable[[], None] | None = None,
+) -> None:
     """Copy ``reader`` to ``writer`` until EOF (then half-close, as the peer did); an error closes both sides."""
     try:
         while data := await reader.read(_CHUNK):
+            if on_data is not None:
+                on_data()
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof() and not writer.is_closing():

@@ -41,8 +41,11 @@ from .front import ConnectionFront
 
 logger = logging.getLogger(__name__)
 
-#: Gauges our edit model exports; the server is drained when both sum to zero.
-DRAIN_GAUGES = ("instgenie_active_requests", "instgenie_waiting_requests")
+#: Requests the server holds: our edit model's gauges, and those Triton has queued for a
+#: model but not handed to it yet. The server is drained when they sum to zero.
+DRAIN_GAUGES = ("instgenie_active_requests", "instgenie_waiting_requests", "nv_inference_pending_request_count")
+#: And no request bytes arrived for this long: a request in transit is in no gauge yet.
+DRAIN_QUIET_S = 0.5
 
 _SHM_DIR = Path("/dev/shm")
 _POLL_S = 0.1
@@ -559,7 +562,8 @@ class TritonServer:
             return response.read().decode()
 
     def drain(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` seconds until the :data:`DRAIN_GAUGES` sum to zero.
+        """Wait up to ``timeout_s`` seconds until the :data:`DRAIN_GAUGES` sum to zero and no
+        request bytes arrived for :data:`DRAIN_QUIET_S`.
 
         Returns whether the server is idle. A server whose metrics cannot be read (it
         exited, or has none: a few reads in a row fail) counts as idle: there is
@@ -579,7 +583,7 @@ class TritonServer:
                 continue
             failures = 0
             busy = sum(gauge_sum(text, name) for name in DRAIN_GAUGES)
-            if busy == 0:
+            if busy == 0 and (self._front is None or self._front.quiet_s() >= DRAIN_QUIET_S):
                 return True
             if time.monotonic() > deadline:
                 logger.warning("%g request(s) still running after %.0f s of draining", busy, timeout_s)
