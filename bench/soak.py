@@ -140,6 +140,7 @@ class Outcome:
     result: str  # ok | expected:<reason> | unexpected:<reason>
     latency_s: float
     detail: str = ""
+    started_at: float = 0.0  # time.monotonic() at the request's start
 
 
 class Workload:
@@ -205,7 +206,9 @@ def open_loop(workload: Workload, rate: float, seconds: float, seed: int) -> lis
     lock = threading.Lock()
 
     def one(kind: str, request_seed: int) -> None:
+        started_at = time.monotonic()
         outcome = workload.run(kind, request_seed)
+        outcome.started_at = started_at - start
         with lock:
             outcomes.append(outcome)
 
@@ -225,7 +228,10 @@ def open_loop(workload: Workload, rate: float, seconds: float, seed: int) -> lis
 
 
 def start_fleet(args: argparse.Namespace, workdir: Path, model: Path) -> tuple[list[subprocess.Popen], subprocess.Popen, str, list[dict]]:
+    """Two instances, instance i pinned to core i (as ``bench/routing.py`` does): two torch
+    thread pools on two shared cores spin against each other and run several times slower."""
     launchers, specs, instances = [], [], []
+    cores = sorted(os.sched_getaffinity(0))
     for index in range(2):
         http, grpc, metrics, health = free_ports(4)
         folder = workdir / f"instance{index}"
@@ -235,7 +241,9 @@ def start_fleet(args: argparse.Namespace, workdir: Path, model: Path) -> tuple[l
                          "--health-port", str(health), "--cache-dir", str(folder / "cache"),
                          "--log-file", str(folder / "triton.log")]  # fmt: skip
         log = (folder / "serve.out").open("w")
-        launchers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        core = {cores[index % len(cores)]}
+        launchers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          preexec_fn=lambda core=core: os.sched_setaffinity(0, core)))  # fmt: skip
         specs.append(f"127.0.0.1:{grpc}:{http}:{metrics}")
         instances.append({"health": health, "http": http})
     for instance in instances:
@@ -377,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "minutes": args.minutes, "warmup_s": args.warmup, "load": args.load, "burst": args.burst,
         "steps": args.steps, "size": args.size, "text_len": args.text_len,
         "capacity_rps": capacity, "rate_rps": rate, "summary": summarize(outcomes),
+        "outcomes": [asdict(o) for o in sorted(outcomes, key=lambda o: o.started_at)],
         "footprint_start": footprint_start, "footprint_end": footprint_end,
         "shm_before": shm_before, "shm_start": shm_start, "shm_end": shm_end, "shm_after_stop": shm_entries(),
         "exit_codes": exit_codes, "machine": platform.processor() or platform.machine(),

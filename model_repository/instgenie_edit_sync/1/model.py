@@ -33,8 +33,8 @@ class TritonPythonModel:
             text = f"[request {request.request_id()}] internal: {self.edit_model} sent no response"
             return pb_utils.InferenceResponse(error=triton_error_from_text(pb_utils, text, "internal"))
         if final.has_error():
-            # The status code does not survive the BLS hop (it arrives as INTERNAL), so
-            # it is derived again from the reason the message carries.
+            # The status did not survive the BLS hop (Triton 2.51 answered a mask of the
+            # wrong size with HTTP 500), so it is derived again from the message's reason.
             text = final.error().message()
             return pb_utils.InferenceResponse(error=triton_error_from_text(pb_utils, text, ServerError.parse(text).reason))
         return pb_utils.InferenceResponse(output_tensors=final.output_tensors())
