@@ -43,7 +43,12 @@ logger = logging.getLogger(__name__)
 
 #: Requests the server holds: our edit model's gauges, and those Triton has queued for a
 #: model but not handed to it yet. The server is drained when they sum to zero.
-DRAIN_GAUGES = ("instgenie_active_requests", "instgenie_waiting_requests", "nv_inference_pending_request_count")
+DRAIN_GAUGES = (
+    "instgenie_active_requests",
+    "instgenie_waiting_requests",
+    "instgenie_finishing_requests",  # its final response is still to be sent: keep the connection
+    "nv_inference_pending_request_count",
+)
 #: And no request bytes arrived for this long: a request in transit is in no gauge yet.
 DRAIN_QUIET_S = 0.5
 
@@ -459,7 +464,12 @@ class TritonServer:
             )
         except OSError as exc:
             raise ServerStartError(f"cannot listen on {self.host}: {exc}") from exc
-        self._launch()
+        try:
+            self._launch()
+        except BaseException:  # nothing started: give the ports back
+            self._front.close()
+            self._front = None
+            raise
 
     def _launch(self, extra_environment: Mapping[str, str] | None = None) -> None:
         """Start a ``tritonserver`` process on fresh private ports and route the front to them."""

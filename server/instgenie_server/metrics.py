@@ -23,6 +23,7 @@ REQUEST_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.
 _GAUGES = {
     "active": ("instgenie_active_requests", "Requests in the running batch"),
     "waiting": ("instgenie_waiting_requests", "Requests accepted but not stepping yet (preparing or queued)"),
+    "finishing": ("instgenie_finishing_requests", "Requests past their last step: decoding, encoding and answering"),
     "masked_tokens": ("instgenie_masked_tokens", "Row-tokens computed by the next step (tokens in flight)"),
     "outstanding_token_steps": (
         "instgenie_outstanding_token_steps",
