@@ -114,6 +114,27 @@ def triton_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPath
 _SERVERS: list = []  # the session's running servers, for failure reports
 
 
+@pytest.fixture(autouse=True)
+def _session_server_alive(request: pytest.FixtureRequest):
+    """Before a test that uses the session server: if it died, start it again, as the
+    launcher's supervisor does in production, and say so in the test report.
+
+    tritonserver 2.51 has died with SIGSEGV inside libtriton_python.so (its stub-message
+    thread) right after a client cancelled a streamed request: seen once in an earlier
+    session and once in five full runs since; every later test then failed with
+    connection errors. The test during which a server dies still fails.
+    """
+    if "triton_server" in request.fixturenames:
+        server = request.getfixturevalue("triton_server")
+        if not server.alive():
+            import warnings
+
+            warnings.warn(f"the session tritonserver had died (status {server.exit_code}); restarting it")
+            server.restart()
+            server.wait_ready()
+    yield
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Attach the server's exit status and log tail to a failed test that used it.

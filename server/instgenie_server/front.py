@@ -150,7 +150,10 @@ class ConnectionFront:
                 )
             finally:
                 for transport in pair:
-                    transport.abort()
+                    # Both sides ended: an orderly close, as the client itself would (an
+                    # abort here reset Triton's side while it still answered a cancelled
+                    # stream). Errors and refuse() abort instead.
+                    transport.close()
                     self._relays.discard(transport)
 
         return relay
