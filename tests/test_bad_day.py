@@ -174,8 +174,8 @@ def long_template(served: Launcher) -> str:
 def _in_flight(launcher: Launcher, template_id: str, count: int) -> list:
     client = InstGenIEClient(launcher.grpc_url, timeout_s=120)
     jobs = [client.submit(png(rect_mask(0.3, seed=i)), "a lamp", template_id=template_id, request_id=f"job{i}") for i in range(count)]
-    for job in jobs:
-        next(iter(job.progress))  # every one of them is stepping
+    for job in jobs:  # every one of them is stepping (a job that ended first shows why)
+        assert next(iter(job.progress), None) is not None, job.result()
     return jobs
 
 
