@@ -116,22 +116,15 @@ _SERVERS: list = []  # the session's running servers, for failure reports
 
 @pytest.fixture(autouse=True)
 def _session_server_alive(request: pytest.FixtureRequest):
-    """Before a test that uses the session server: if it died, start it again, as the
-    launcher's supervisor does in production, and say so in the test report.
+    """A test that uses the session server fails at once, with the cause, if it died earlier.
 
-    tritonserver 2.51 has died with SIGSEGV inside libtriton_python.so (its stub-message
-    thread) right after a client cancelled a streamed request: seen once in an earlier
-    session and once in five full runs since; every later test then failed with
-    connection errors. The test during which a server dies still fails.
+    Otherwise every later test fails with "connection refused" and hides the one
+    that killed it; the log tail says why (e.g. a signal in a backend thread).
     """
     if "triton_server" in request.fixturenames:
         server = request.getfixturevalue("triton_server")
         if not server.alive():
-            import warnings
-
-            warnings.warn(f"the session tritonserver had died (status {server.exit_code}); restarting it")
-            server.restart()
-            server.wait_ready()
+            pytest.fail(f"the session tritonserver died earlier (status {server.exit_code}):\n{server.log_tail(4000)}")
     yield
 
 

@@ -16,6 +16,44 @@ from instgenie.step_loop import LoopLoad, LoopObserver
 
 log = logging.getLogger(__name__)
 
+# python_backend 24.10's metrics are not thread-safe: ``Metric.increment``/``observe``
+# release the GIL, then rewrite the metric's one shared-memory message (freeing the
+# previous one) while the server may still be reading it. Two threads on one metric
+# crash tritonserver (SIGSEGV in libtriton_python.so, ProcessMetricRequest ->
+# PbString::LoadFromSharedMemory) or raise ``boost::interprocess::lock_exception``;
+# ``MetricFamily.Metric`` edits an unguarded map. The loop thread, the worker threads,
+# ``execute()`` and the pollers all report, so every call into pb_utils metrics in this
+# process holds this lock (each is one short IPC round trip).
+_METRIC_LOCK = threading.Lock()
+
+
+class LockedMetric:
+    """A pb_utils ``Metric`` whose calls hold :data:`_METRIC_LOCK`."""
+
+    def __init__(self, family: Any, labels: dict[str, str], buckets: list[float] | None = None) -> None:
+        with _METRIC_LOCK:
+            if buckets is None:
+                self._metric = family.Metric(labels=labels)
+            else:
+                self._metric = family.Metric(labels=labels, buckets=buckets)
+
+    def set(self, value: float) -> None:
+        with _METRIC_LOCK:
+            self._metric.set(value)
+
+    def increment(self, value: float) -> None:
+        with _METRIC_LOCK:
+            self._metric.increment(value)
+
+    def observe(self, value: float) -> None:
+        with _METRIC_LOCK:
+            self._metric.observe(value)
+
+
+def metric_family(pb_utils: Any, name: str, description: str, kind: Any) -> Any:
+    with _METRIC_LOCK:
+        return pb_utils.MetricFamily(name=name, description=description, kind=kind)
+
 STEP_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 JOIN_BUCKETS_STEPS = [0, 1, 2, 4, 8, 16, 32, 64]
 REQUEST_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0]
@@ -61,7 +99,8 @@ class TritonLoopMetrics(LoopObserver):
         if text_tokens is not None:  # a constant, for the router's per-request cost
             self._text_tokens = self._metric(
                 "instgenie_text_tokens", "Text tokens each request row computes besides its masked image tokens", kinds.GAUGE
-            ).set(float(text_tokens))
+            )
+            self._text_tokens.set(float(text_tokens))
         self._row_tokens = self._metric("instgenie_computed_row_tokens_total", "Row-tokens computed by all steps", kinds.COUNTER)
         self._request_steps = self._metric(
             "instgenie_request_steps_total", "Requests stepped, summed over steps (batch sizes)", kinds.COUNTER
@@ -71,7 +110,7 @@ class TritonLoopMetrics(LoopObserver):
         lookups = self._family(
             "instgenie_template_cache_lookups_total", "Template cache lookups by result (hit, miss)", kinds.COUNTER
         )
-        self._lookups = {result: lookups.Metric(labels={**self._labels, "result": result}) for result in ("hit", "miss")}
+        self._lookups = {result: LockedMetric(lookups, {**self._labels, "result": result}) for result in ("hit", "miss")}
         self._errors_family = self._family(
             "instgenie_errors_total", "Requests that ended with an error, by reason", kinds.COUNTER
         )
@@ -85,16 +124,15 @@ class TritonLoopMetrics(LoopObserver):
             self._restarts.increment(float(restarts))
 
     def _family(self, name: str, description: str, kind: Any) -> Any:
-        family = self._pb.MetricFamily(name=name, description=description, kind=kind)
+        family = metric_family(self._pb, name, description, kind)
         self._families.append(family)
         return family
 
-    def _metric(self, name: str, description: str, kind: Any) -> Any:
-        return self._family(name, description, kind).Metric(labels=self._labels)
+    def _metric(self, name: str, description: str, kind: Any) -> LockedMetric:
+        return LockedMetric(self._family(name, description, kind), self._labels)
 
-    def _histogram(self, name: str, description: str, buckets: list[float]) -> Any:
-        family = self._family(name, description, self._pb.MetricFamily.HISTOGRAM)
-        return family.Metric(labels=self._labels, buckets=buckets)
+    def _histogram(self, name: str, description: str, buckets: list[float]) -> LockedMetric:
+        return LockedMetric(self._family(name, description, self._pb.MetricFamily.HISTOGRAM), self._labels, buckets)
 
     # -- LoopObserver ---------------------------------------------------------------
     def load(self, load: LoopLoad) -> None:
@@ -124,7 +162,7 @@ class TritonLoopMetrics(LoopObserver):
         with self._errors_lock:
             counter = self._errors.get(reason)
             if counter is None:
-                counter = self._errors[reason] = self._errors_family.Metric(labels={**self._labels, "reason": reason})
+                counter = self._errors[reason] = LockedMetric(self._errors_family, {**self._labels, "reason": reason})
         counter.increment(1)
 
     def template_lookup(self, hit: bool) -> None:
@@ -148,10 +186,10 @@ class GpuMetrics:
         gauge = pb_utils.MetricFamily.GAUGE
         labels = {**labels, "gpu": str(device_index)}
         self._families = [
-            pb_utils.MetricFamily(name="instgenie_gpu_utilization_ratio", description="GPU busy fraction (NVML)", kind=gauge),
-            pb_utils.MetricFamily(name="instgenie_gpu_memory_used_bytes", description="GPU memory in use (NVML)", kind=gauge),
+            metric_family(pb_utils, "instgenie_gpu_utilization_ratio", "GPU busy fraction (NVML)", gauge),
+            metric_family(pb_utils, "instgenie_gpu_memory_used_bytes", "GPU memory in use (NVML)", gauge),
         ]
-        self._utilization, self._memory = (family.Metric(labels=labels) for family in self._families)
+        self._utilization, self._memory = (LockedMetric(family, labels) for family in self._families)
         self._stop = threading.Event()
         self._interval_s = interval_s
         self._thread = threading.Thread(target=self._poll, name="instgenie-nvml", daemon=True)
@@ -208,9 +246,9 @@ class CacheMetrics:
         self._families = []
         self._series = {}
         for field, (name, text, kind) in _CACHE_SERIES.items():
-            family = pb_utils.MetricFamily(name=name, description=text, kind=kinds.COUNTER if kind == "c" else kinds.GAUGE)
+            family = metric_family(pb_utils, name, text, kinds.COUNTER if kind == "c" else kinds.GAUGE)
             self._families.append(family)
-            self._series[field] = (family.Metric(labels=labels), kind)
+            self._series[field] = (LockedMetric(family, labels), kind)
         self._last = store.stats().as_dict()
         self._stop = threading.Event()
         self._interval_s = interval_s

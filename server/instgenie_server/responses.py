@@ -45,10 +45,9 @@ class TritonJobSink:
         self.request_id = request_id
         self._progress = progress
         self._base64_output = base64_output
-        # After the final response Triton releases the request: asking the sender about
-        # it then reads freed memory in the server (tritonserver 2.51 died with SIGSEGV
-        # in libtriton_python.so when a loop thread polled a request that a worker had
-        # just failed). So nothing touches the sender once the final response is out.
+        # The server deletes the response factory when it sends the final response
+        # (python_backend ResponseSendDecoupled); is_cancelled() asks about that factory,
+        # so nothing touches the sender once the final response is out.
         self._closed = False
 
     def cancelled(self) -> bool:
