@@ -376,11 +376,15 @@ def test_a_sigkilled_launcher_takes_its_server_along_and_the_next_start_cleans_u
     left = first.shm_entries()
     assert left  # a SIGKILL leaves Triton's regions behind...
     repository = list(Path("/tmp").glob(f"instgenie-repo-{first.process.pid}-*"))
+    workdirs = list(Path("/tmp").glob(f"instgenie-triton-{first.process.pid}-*"))
+    # python_backend's own /tmp/python_env_* folder, claimed by the launcher for its server
+    python_envs = [Path(record.read_text()) for folder in workdirs for record in folder.glob("python-env")]
+    assert repository and workdirs and python_envs and all(path.is_dir() for path in python_envs)
     second = Launcher(model_dirs["flux-fill"], tmp_path / "second", ports=first.ports)  # free again
     try:
         second.wait_ready()
         assert first.shm_entries() == []  # ...which the next start removes
-        assert not any(path.exists() for path in repository)
+        assert not any(path.exists() for path in repository + workdirs + python_envs)
     finally:
         assert second.stop() == 0
     first.output.close()

@@ -364,6 +364,7 @@ class TritonServer:
         self._front: ConnectionFront | None = None
         self._private: dict[str, int] = {}  # endpoint -> Triton's own loopback port
         self._stop_lock = threading.Lock()
+        self._python_env: _PythonEnvClaim | None = None
 
     # endpoints -------------------------------------------------------------------
 
@@ -478,6 +479,11 @@ class TritonServer:
         backends = home / "backends" if home is not None else backend_directory(Path(self._workdir.name) / "backends")
         self._private = dict(zip(("http", "grpc", "metrics"), _free_ports("127.0.0.1", 3)))
         command = self.command(backends, self._private)
+        # Temporary files of the server and its stubs (multiprocessing's pymp-* folders
+        # of codec workers) live in the work folder, so a kill leaves none in /tmp.
+        temporary = Path(self._workdir.name) / "tmp"
+        temporary.mkdir(exist_ok=True)
+        self._python_env = _PythonEnvClaim(Path(self._workdir.name))
         logger.info("starting %s", " ".join(command))
         with self._log_file.open("ab") as log:
             # A new session: terminal Ctrl-C reaches only us (we drain first), and the
@@ -488,7 +494,7 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=server_environment()
-                | {SHM_PREFIX_VARIABLE: self.shm_prefix}
+                | {SHM_PREFIX_VARIABLE: self.shm_prefix, "TMPDIR": str(temporary)}
                 | self.environment
                 | dict(extra_environment or {}),
                 start_new_session=True,
@@ -505,6 +511,8 @@ class TritonServer:
         self._kill_group(self._process.pid)
         self._process.wait()
         self._remove_shm()
+        if self._python_env is not None:
+            self._python_env.remove()
         logger.info("server killed (%d client connections closed); starting it again", closed)
         self._launch(extra_environment)
 
@@ -550,6 +558,8 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
                     if response.status == 200:
+                        if self._python_env is not None:
+                            self._python_env.claim()
                         logger.info("tritonserver ready at http %s, grpc %s", self.http_url, self.grpc_url)
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -642,6 +652,9 @@ class TritonServer:
                 self._front.close()
                 self._front = None
             self._remove_shm()
+            if self._python_env is not None:
+                self._python_env.remove()
+                self._python_env = None
             if self._workdir is not None:
                 self._workdir.cleanup()
                 if self._log_file is not None and self._log_file.is_relative_to(self._workdir.name):
@@ -697,6 +710,61 @@ _PR_SET_PDEATHSIG = 1
 _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before any fork
 
 
+_PYTHON_ENV_PATTERN = re.compile(r"python_env_[A-Za-z0-9]{6}")
+_PYTHON_ENV_RECORD = "python-env"
+
+
+class _PythonEnvClaim:
+    """The ``/tmp/python_env_XXXXXX`` folder the Python backend of one server made.
+
+    python_backend 24.10 makes it with ``mkdtemp`` on a fixed ``/tmp`` path (TMPDIR does
+    not move it) and removes it only when the server exits cleanly, so each killed
+    server would leave one. Its name does not say whose it is: a folder is claimed
+    only when it is the one new folder between launch and readiness (with several
+    servers starting at once none is claimed and it stays). The claim is recorded in
+    the work folder, so :func:`remove_leftovers` removes it for a killed launcher too.
+    A live server's folder is never removed: the backend fails its exit without it.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self._record = workdir / _PYTHON_ENV_RECORD
+        self._launched_at = time.time()
+        self._before = set(_python_env_folders())
+        self._record.unlink(missing_ok=True)
+
+    def claim(self) -> None:
+        if self._record.exists():
+            return
+        new = [f for f in set(_python_env_folders()) - self._before if _ctime(f) >= self._launched_at - 1]
+        if len(new) == 1:
+            self._record.write_text(str(new[0]))
+
+    def remove(self) -> None:
+        """Remove the claimed folder; call only once the server is dead."""
+        _remove_recorded_python_env(self._record)
+
+
+def _python_env_folders() -> list[Path]:
+    return [f for f in Path("/tmp").glob("python_env_*") if _PYTHON_ENV_PATTERN.fullmatch(f.name)]
+
+
+def _ctime(path: Path) -> float:
+    try:
+        return path.stat().st_ctime
+    except OSError:
+        return 0.0
+
+
+def _remove_recorded_python_env(record: Path) -> None:
+    try:
+        folder = Path(record.read_text().strip())
+    except OSError:
+        return
+    if folder.parent == Path("/tmp") and _PYTHON_ENV_PATTERN.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
+    record.unlink(missing_ok=True)
+
+
 def _die_with_parent() -> None:
     """In the forked child: SIGKILL when the launcher's starting thread dies (even by SIGKILL)."""
     _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -745,6 +813,7 @@ def remove_leftovers() -> list[Path]:
         for folder in temp.glob(f"{prefix}*"):
             owner = _owner_pid(folder.name, prefix)
             if owner is not None and not _pid_alive(owner) and folder.is_dir() and not folder.is_symlink():
+                _remove_recorded_python_env(folder / _PYTHON_ENV_RECORD)
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     if removed:
