@@ -38,8 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from instgenie_protocol import parse_samples, sample_sum
+
 sys.path.insert(0, str(Path(__file__).parent))
-import serving as shared  # noqa: E402 - the serving benchmark's workload, caller and statistics
+import report  # noqa: E402 - the serving benchmarks' report helpers
+import workload as shared  # noqa: E402 - the serving benchmarks' workload, caller and statistics
 from sample_inputs import sample_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,12 +111,11 @@ class RouterProcess:
 
     def routed(self) -> dict[str, float]:
         text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        counts: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("instgenie_router_routed_total{"):
-                instance = line.split('instance="', 1)[1].split('"', 1)[0]
-                counts[instance] = float(line.rsplit(" ", 1)[1])
-        return counts
+        return {
+            sample.labels["instance"]: sample.value
+            for sample in parse_samples(text)
+            if sample.name == "instgenie_router_routed_total" and "instance" in sample.labels
+        }
 
     def stop(self) -> None:
         self.process.terminate()
@@ -138,7 +140,7 @@ def hot_templates(requests: list[shared.Request], templates: int, zipf: float, s
 def work_by_instance(servers: list[Any]) -> dict[str, float]:
     """Row-tokens each instance has computed so far (its ``instgenie_computed_row_tokens_total``)."""
     return {
-        f"127.0.0.1:{s.grpc_port}": shared.metric_value(shared.read_metrics(s.metrics_url), "instgenie_computed_row_tokens_total")
+        f"127.0.0.1:{s.grpc_port}": sample_sum(shared.read_metrics(s.metrics_url), "instgenie_computed_row_tokens_total")
         for s in servers
     }
 
@@ -173,8 +175,8 @@ def measure(args: argparse.Namespace, policy: str, servers: list[Any], templates
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     log.info("%-14s %d/%d ok, p50 %s s, p95 %s s, throughput %s/s, busiest instance %.0f%% of the work, other load %.2f cores",
-             policy, run["completed"], run["requests"], shared.fmt(run.get("p50_s")), shared.fmt(run.get("p95_s")),
-             shared.fmt(run.get("throughput"), 3), 100 * max(run["work_share"].values()), other_cores)  # fmt: skip
+             policy, run["completed"], run["requests"], report.fmt(run.get("p50_s")), report.fmt(run.get("p95_s")),
+             report.fmt(run.get("throughput"), 3), 100 * max(run["work_share"].values()), other_cores)  # fmt: skip
     return records, run
 
 
@@ -214,8 +216,8 @@ def markdown(report: dict) -> str:
     for policy in config["policies"]:
         s = summaries[policy]
         lines.append(
-            f"| `{policy}` | {s['completed']}/{s['requests']} | {shared.fmt(s.get('p50_s'))} | {shared.fmt(s.get('p95_s'))} | "
-            f"{shared.fmt(s.get('mean_s'))} | {shared.fmt(s.get('throughput'), 3)} | {s['busiest_share']:.0%} | {s['other_cores']:.2f} |"
+            f"| `{policy}` | {s['completed']}/{s['requests']} | {report.fmt(s.get('p50_s'))} | {report.fmt(s.get('p95_s'))} | "
+            f"{report.fmt(s.get('mean_s'))} | {report.fmt(s.get('throughput'), 3)} | {s['busiest_share']:.0%} | {s['other_cores']:.2f} |"
         )
     lines += ["", "## Ratios", ""]
     head = report.get("headline", {})
@@ -235,8 +237,8 @@ def markdown(report: dict) -> str:
     for run in report["runs"]:
         routed = ", ".join(f"{int(v)}" for _, v in sorted(run["routed"].items()))
         shares = ", ".join(f"{v:.0%}" for _, v in sorted(run["work_share"].items()))
-        lines.append(f"| {run['round']} | `{run['policy']}` | {shared.fmt(run.get('p50_s'))} | {shared.fmt(run.get('p95_s'))} | "
-                     f"{shared.fmt(run.get('throughput'), 3)} | {routed} | {shares} | {run['other_cores']:.2f} |")  # fmt: skip
+        lines.append(f"| {run['round']} | `{run['policy']}` | {report.fmt(run.get('p50_s'))} | {report.fmt(run.get('p95_s'))} | "
+                     f"{report.fmt(run.get('throughput'), 3)} | {routed} | {shares} | {run['other_cores']:.2f} |")  # fmt: skip
     lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from instgenie_client.protocol import INPUTS, ServerError
+from instgenie_protocol import INPUTS, ServerError
 
 _NUMPY = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
 

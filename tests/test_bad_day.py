@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
@@ -33,7 +32,8 @@ from instgenie_client import (
     RequestTimeout,
     SseInstGenIEClient,
 )
-from instgenie_server.launcher import gauge_sum, process_group_members
+from instgenie_protocol import sample_sum
+from instgenie_server.launcher import process_group_members
 from serving_calls import Stream, tensor
 
 STALL_TIMEOUT_S = 3.0  # the launcher's: a wedged loop is restarted this long after its last step
@@ -82,7 +82,7 @@ class Launcher:
         self.log = workdir / "triton.log"
         self.output = (workdir / "serve.out").open("w")
         command = [
-            sys.executable, "-c", "import sys; from instgenie.cli import main; sys.exit(main())", "-v", "serve",
+            sys.executable, "-c", "import sys; from instgenie_cli import main; sys.exit(main())", "-v", "serve",
             "--model", str(model_dir), "--max-sequence-length", str(TEXT_LEN),
             "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
             "--health-port", str(self.health), "--cache-dir", str(workdir / "cache"), "--log-file", str(self.log),
@@ -119,7 +119,7 @@ class Launcher:
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as response:
-            return gauge_sum(response.read().decode(), name)
+            return sample_sum(response.read().decode(), name)
 
     def output_text(self) -> str:
         self.output.flush()
@@ -273,7 +273,7 @@ def test_template_ids_are_names_not_paths(served: Launcher, tmp_path: Path) -> N
 def test_the_cli_refuses_a_malformed_template_id_before_sending(served: Launcher, tmp_path: Path) -> None:
     mask = tmp_path / "m.png"
     mask.write_bytes(png(rect_mask(0.2)))
-    command = [sys.executable, "-c", "import sys; from instgenie.cli import main; sys.exit(main())", "edit", "--url",
+    command = [sys.executable, "-c", "import sys; from instgenie_cli import main; sys.exit(main())", "edit", "--url",
                "127.0.0.1:1", "--template-id", "../../etc", "--mask", str(mask), "--prompt", "x", "-o", str(tmp_path / "o.png")]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     # Refused locally (the url is unreachable on purpose): exit 2, a request error, not a connection error.
@@ -445,7 +445,7 @@ def test_no_client_hangs_on_a_silent_server(model_dirs: dict[str, Path], tmp_pat
                 results[name] = (time.monotonic(), error)
 
         def cli() -> None:
-            command = [sys.executable, "-c", "import sys; from instgenie.cli import main; sys.exit(main())", "edit", "--url",
+            command = [sys.executable, "-c", "import sys; from instgenie_cli import main; sys.exit(main())", "edit", "--url",
                        server.grpc_url, "--template-id", template_id, "--mask", str(mask_file), "--prompt", "x",
                        "--stall-timeout", str(stall), "-o", str(tmp_path / "o.png"), "--no-progress"]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -471,7 +471,7 @@ def test_no_client_hangs_on_a_silent_server(model_dirs: dict[str, Path], tmp_pat
             for thread in threads:
                 thread.start()
             deadline = time.monotonic() + 30
-            while gauge_sum(server.read_metrics(), "instgenie_active_requests") < len(calls):  # all in flight
+            while sample_sum(server.read_metrics(), "instgenie_active_requests") < len(calls):  # all in flight
                 assert time.monotonic() < deadline and not results, results
                 time.sleep(0.02)
             os.kill(stub, signal.SIGSTOP)

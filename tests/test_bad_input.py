@@ -370,6 +370,7 @@ def test_empty_mask_returns_template_unchanged_without_computing(
     engine.step([state])  # a no-op for a finished state
     assert state.step_index == STEPS
     result = engine.finish_edit(state)
+    engine.release(state)
     assert result.computed_tokens == 0
     assert result.template_id == record.template_id
     assert np.array_equal(np.asarray(result.image), np.asarray(record.image))
@@ -394,6 +395,7 @@ def test_soft_grey_mask_edits_only_pixels_at_least_half_white(
     assert 0 < state.computed_tokens < state.num_tokens  # not all of it, not none of it
     engine.run([state])
     result = engine.finish_edit(state)
+    engine.release(state)
 
     out, template = np.asarray(result.image), np.asarray(record.image)
     assert np.array_equal(out[~edited], template[~edited])  # grey < 128 is kept, byte for byte

@@ -176,3 +176,27 @@ def test_an_engine_pipeline_is_not_a_baseline(engines: dict[str, Engine]) -> Non
     engine = engines["sd3-inpaint"]
     with pytest.raises(ValueError, match="stock"):
         BaselinePipeline(engine.family.pipe, type(engine.family))
+
+
+@pytest.mark.parametrize("family", ["flux-fill", "sd3-inpaint"])
+def test_an_engine_hands_its_pipeline_back_untouched(model_dirs: dict[str, Path], family: str) -> None:
+    from instgenie.attention import HOOK_PREFIX, is_installed
+    from instgenie.loading import load_pipeline
+
+    stock_pipe, _, _ = load_pipeline(str(model_dirs[family]), "cpu", torch.float32)
+    stock = {name: type(p) for name, p in stock_pipe.transformer.attn_processors.items()}
+    engine = Engine.from_pretrained(str(model_dirs[family]), max_sequence_length=TEXT_LEN)
+    pipe = engine.family.pipe
+    with pytest.raises(ValueError, match="masked attention processors or hooks"):
+        BaselinePipeline(pipe, type(engine.family), max_sequence_length=TEXT_LEN)
+
+    engine.family.uninstall()
+    assert not is_installed(pipe.transformer)
+    assert {name: type(p) for name, p in pipe.transformer.attn_processors.items()} == stock
+    hooks = [name for m in pipe.transformer.modules() for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})]
+    assert not [name for name in hooks if name.startswith(HOOK_PREFIX)]
+    baseline = BaselinePipeline(pipe, type(engine.family), max_sequence_length=TEXT_LEN)
+    # The handed-back pipeline computes what a freshly loaded one does (same kernels, same bits).
+    request = edit("back", 3, 4, steps=2)
+    again = BaselinePipeline(stock_pipe, type(engine.family), max_sequence_length=TEXT_LEN)
+    assert baseline.run([request])[0].png == again.run([request])[0].png

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import SIZE, png, rect_mask, template_image
-from instgenie.cli import main
+from instgenie_cli import main
 from instgenie_client import (
     AsyncInstGenIEClient,
     InstGenIEClient,
@@ -25,7 +25,7 @@ from instgenie_client import (
     Progress,
     SseInstGenIEClient,
 )
-from instgenie_server.launcher import gauge_sum
+from instgenie_protocol import sample_sum
 
 STEPS = 3
 LONG_STEPS = 100  # long enough to interrupt on a loaded machine: a full-mask step takes milliseconds here
@@ -61,7 +61,7 @@ def reference(client: InstGenIEClient, template_id: str):
 
 def metric(triton_server, name: str) -> float:
     with urllib.request.urlopen(triton_server.metrics_url, timeout=5) as response:
-        return gauge_sum(response.read().decode(), name)
+        return sample_sum(response.read().decode(), name)
 
 
 def wait_for_metric(triton_server, name: str, predicate, timeout_s: float = 20.0) -> float:
@@ -165,7 +165,7 @@ def test_sse_client_matches_the_sync_result_and_reports_progress(triton_server, 
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "instgenie.cli", *args]
+    return [sys.executable, "-m", "instgenie_cli", *args]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from instgenie.cli import build_parser
+from instgenie_cli import build_parser
 from instgenie_router.instances import Instance
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from instgenie import Engine
 from instgenie.cache import CacheMode
 from instgenie.cache.planner import CostModel, LinearCost
 from instgenie.families import GenerationSettings, SD3InpaintFamily
+from instgenie.scheduler import FcfsScheduler
 
 STEPS = 3
 
@@ -49,6 +50,12 @@ def test_recomputing_the_first_blocks_instead_of_loading_is_bit_exact(engine: En
         assert state.computed_tokens < state.num_tokens
         assert torch.equal(engine.final_latents(state), full.latents), f"{full_blocks} full blocks"
         engine.release(state)
+
+
+def step_once(engine: Engine, states: list) -> None:
+    """One denoising step of ``states``, in the calls the scheduler groups them into."""
+    for call in FcfsScheduler().calls(states):
+        engine.step([states[i] for i in call])
 
 
 def test_recomputed_blocks_attend_with_the_edit_prompt_not_the_cache(engine: Engine) -> None:
@@ -116,8 +123,8 @@ def test_states_at_different_steps_batch_like_they_run_alone(engine: Engine, cac
         engine.run([state])
 
     together = requests()
-    engine.step([together[2]])  # further along when the others join
-    engine.step([together[2], together[3]])
+    step_once(engine, [together[2]])  # further along when the others join
+    step_once(engine, [together[2], together[3]])
     engine.run(together)
 
     assert len({s.computed_tokens for s in together}) == 4  # different token counts in one step
@@ -208,13 +215,12 @@ def test_second_engine_over_one_pipeline_computes_the_same(engines: dict) -> Non
 
 
 def test_template_budget_evicts_the_least_recently_used(model_dirs: dict) -> None:
-    from instgenie import EngineLimits
     from instgenie.errors import CacheBudgetExceeded, UnknownTemplate
 
     probe = Engine.from_pretrained(str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN)
     size = probe.register_template(png(template_image(40)), "a", seed=1, steps=2).activations.nbytes
     engine = Engine.from_pretrained(
-        str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN, limits=EngineLimits(template_budget_bytes=2 * size)
+        str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN, cache={"host_budget_bytes": 2 * size}
     )
     first, second = (engine.register_template(png(template_image(40 + i)), "a", seed=1, steps=2) for i in range(2))
     engine.template(first.template_id)  # used: the second is now the least recently used
@@ -224,7 +230,7 @@ def test_template_budget_evicts_the_least_recently_used(model_dirs: dict) -> Non
         engine.template(second.template_id)
 
     tight = Engine.from_pretrained(
-        str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN, limits=EngineLimits(template_budget_bytes=size - 1)
+        str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN, cache={"host_budget_bytes": size - 1}
     )
     with pytest.raises(CacheBudgetExceeded, match="cache budget"):
         tight.register_template(png(template_image(40)), "a", seed=1, steps=2)

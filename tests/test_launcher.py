@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 import instgenie_server
-from instgenie_server import launcher
+from instgenie_server import triton_install
+from instgenie_protocol import sample_sum
 from instgenie_server.launcher import (
     ServerStartError,
     TritonServer,
     add_serve_command,
     backend_directory,
     free_port,
-    gauge_sum,
     models_with_parameter,
     render_repository,
     serve_parameters,
@@ -168,9 +168,9 @@ def test_gauge_sum_sums_label_sets() -> None:
         "instgenie_active_requests_total 7\n"
         "instgenie_waiting_requests 3\n"
     )
-    assert gauge_sum(text, "instgenie_active_requests") == 3.5
-    assert gauge_sum(text, "instgenie_waiting_requests") == 3
-    assert gauge_sum(text, "absent") == 0
+    assert sample_sum(text, "instgenie_active_requests") == 3.5
+    assert sample_sum(text, "instgenie_waiting_requests") == 3
+    assert sample_sum(text, "absent") == 0
 
 
 def test_backend_directory_is_idempotent(tmp_path: Path) -> None:
@@ -224,7 +224,7 @@ def triton_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def no_wheel() -> Path:
         raise AssertionError("the nvidia-pytriton wheel was used despite $INSTGENIE_TRITON_HOME")
 
-    monkeypatch.setattr(launcher, "pytriton_dir", no_wheel)
+    monkeypatch.setattr(triton_install, "pytriton_dir", no_wheel)
     return home
 
 
@@ -382,7 +382,7 @@ def test_serve_runs_until_sigterm(triton_repository: Path, tmp_path: Path) -> No
     ports = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0"]
     package_root = str(Path(instgenie_server.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "instgenie_server.launcher", "serve", "--model-repository", str(triton_repository)]
+    command = [sys.executable, "-m", "instgenie_server.serve", "serve", "--model-repository", str(triton_repository)]
     command += ["--model", str(model), "--max-active", "3", "--dtype", "bfloat16", "--ready-timeout", "20", *ports]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

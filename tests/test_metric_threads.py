@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import tritonclient.http as http
 
-from instgenie_server.launcher import TritonServer, gauge_sum
+from instgenie_protocol import sample_sum
+from instgenie_server.launcher import TritonServer
 
 THREADS = 8
 CALLS = 40
@@ -83,8 +84,8 @@ def test_metrics_updated_from_many_threads_keep_the_server_up_and_count_exactly(
         text = server.read_metrics()
         total = rounds * THREADS * CALLS
         # Counters are exact: no update lost or applied twice under contention.
-        assert gauge_sum(text, "instgenie_steps_total") == total
-        assert gauge_sum(text, "instgenie_errors_total") == total
+        assert sample_sum(text, "instgenie_steps_total") == total
+        assert sample_sum(text, "instgenie_errors_total") == total
         error_series = [line for line in text.splitlines() if line.startswith("instgenie_errors_total{")]
         assert len(error_series) == 4  # invalid_input + reason_0..2, each created once
         assert "lock_exception" not in server.log_tail()

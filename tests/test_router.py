@@ -19,7 +19,7 @@ from conftest import TEXT_LEN, png, rect_mask, template_image
 from instgenie.masking import token_indices
 from instgenie_client import InstGenIEClient
 from instgenie_client.http_client import SseInstGenIEClient
-from instgenie.cli import build_parser
+from instgenie_cli import build_parser
 from instgenie_router.discovery import Discovery, DnsTarget, resolve_addresses
 from instgenie_router.instances import Instance, InstancePool, RequestCost
 from instgenie_router.policies import SPEED_SPREAD, LeastRequests, MaskAware, RoundRobin

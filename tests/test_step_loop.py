@@ -98,6 +98,7 @@ class Candidate:
     computed_tokens: int
     rows: int = 1
     grid_key: tuple[int, int] = (128, 128)
+    full_blocks: int = 0
 
 
 def test_scheduler_admits_in_order_up_to_max_active() -> None:
@@ -130,6 +131,13 @@ def test_scheduler_splits_a_step_into_calls_of_similar_token_counts() -> None:
         longest = max(running[i].computed_tokens for i in call)
         rows = sum(running[i].rows for i in call)
         assert rows * longest <= 1.25 * sum(running[i].rows * running[i].computed_tokens for i in call)
+
+
+def test_scheduler_puts_each_planned_prefix_in_calls_of_its_own() -> None:
+    running = [Candidate(10), Candidate(12, full_blocks=2), Candidate(11), Candidate(40, full_blocks=2)]
+    assert FcfsScheduler(SchedulerConfig()).calls(running) == [[0, 2], [1, 3]]
+    calls = FcfsScheduler(SchedulerConfig(max_padding_waste=0.25)).calls(running)
+    assert calls == [[0, 2], [1], [3]]
 
 
 def test_scheduler_config_rejects_nonsense() -> None:

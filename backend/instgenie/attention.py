@@ -28,13 +28,15 @@ row, ``T`` text tokens, ``H`` heads, ``D`` head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
+# diffusers has no public form of the Flux Q/K/V projection (fused or not); its own
+# processor uses this one, so ours projects exactly as the stock one does.
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 # CPU GEMMs with few rows take small-matrix kernels whose rounding differs from the
@@ -374,6 +376,10 @@ class MaskedJointAttnProcessor:
     q/k norms.
     """
 
+    # What diffusers' ``set_attention_backend`` sets on a processor (dispatch_attention_fn).
+    _attention_backend = None
+    _parallel_config = None
+
     def __init__(self, site: int) -> None:
         self.site = site
         self._stock = JointAttnProcessor2_0()
@@ -423,8 +429,12 @@ class MaskedJointAttnProcessor:
             key = torch.cat([key, context_key], dim=2)
             value = torch.cat([value, context_value], dim=2)
 
-        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        # The one attention path of every family (diffusers' dispatcher, [B, S, H, D]).
+        hidden_states = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )  # fmt: skip
+        hidden_states = hidden_states.reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :image_len], hidden_states[:, image_len:]
@@ -436,37 +446,100 @@ class MaskedJointAttnProcessor:
         return hidden_states
 
 
+# -- what the engine installs in a pipeline, and how it comes out again ----------------
+#
+# Hooks go through diffusers' own registry (``diffusers.hooks.HookRegistry``), named
+# with HOOK_PREFIX, so :func:`uninstall` finds and removes every one of them.
+
+HOOK_PREFIX = "instgenie."
+BLOCK_HOOK = HOOK_PREFIX + "masked_block_entry"
+STOCK_PROCESSORS_HOOK = HOOK_PREFIX + "stock_processors"
+
+
+class StockProcessors(ModelHook):
+    """Keeps a transformer's attention processors from before the engine's, for :func:`uninstall`."""
+
+    def __init__(self, processors: dict[str, Any]) -> None:
+        super().__init__()
+        self.processors = processors
+
+
+class MaskedBlockEntry(ModelHook):
+    """On block ``index`` (in call order): a call whose full-block prefix ends here
+    switches to its computed tokens. Calls without a token batch pass through."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        batch = (kwargs.get("joint_attention_kwargs") or {}).get("token_batch")
+        if batch is None or not batch._in_full_prefix or batch.full_blocks != self.index:
+            return args, kwargs
+        if "hidden_states" not in kwargs:
+            raise TypeError(f"{type(module).__name__} was called without hidden_states=...; cannot switch tokens")
+        kwargs["hidden_states"] = batch.enter_masked_blocks(kwargs["hidden_states"])
+        return args, kwargs
+
+
+def install_hook(module: torch.nn.Module, name: str, hook: ModelHook) -> ModelHook:
+    """Register ``hook`` on ``module`` under ``name`` unless one is there; return the installed one."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    installed = registry.get_hook(name)
+    if installed is None:
+        registry.register_hook(hook, name)
+        installed = hook
+    return installed
+
+
 def install_block_hooks(blocks: Sequence[torch.nn.Module]) -> None:
     """Let a :class:`TokenBatch` with a full-block prefix switch to its computed tokens.
 
-    A pre-hook on block ``i`` (in call order) gathers the image hidden states when
-    the call's prefix ends there. Blocks receive the batch through
-    ``joint_attention_kwargs``, as their attention processors do. Installed once
-    per module; calls without a token batch pass through.
+    Blocks receive the batch through ``joint_attention_kwargs``, as their attention
+    processors do. Installed once per block.
     """
     for index, block in enumerate(blocks):
-        if getattr(block, "_instgenie_block_index", None) is not None:
-            continue
-        block._instgenie_block_index = index
-        block.register_forward_pre_hook(_enter_masked_blocks, with_kwargs=True)
-
-
-def _enter_masked_blocks(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    batch = (kwargs.get("joint_attention_kwargs") or {}).get("token_batch")
-    if batch is None or not batch._in_full_prefix or batch.full_blocks != block._instgenie_block_index:
-        return None
-    if "hidden_states" not in kwargs:
-        raise TypeError(f"{type(block).__name__} was called without hidden_states=...; cannot switch tokens")
-    kwargs["hidden_states"] = batch.enter_masked_blocks(kwargs["hidden_states"])
-    return args, kwargs
+        install_hook(block, BLOCK_HOOK, MaskedBlockEntry(index))
 
 
 def install_masked_processors(transformer: torch.nn.Module, processor_cls: type) -> int:
     """Give every attention module of ``transformer`` a masked processor.
 
     Attention sites are numbered in module order; the number is the cache key of the
-    site's K/V. Returns the number of sites.
+    site's K/V. The stock processors are kept for :func:`uninstall`. Returns the
+    number of sites.
     """
-    names = list(transformer.attn_processors.keys())
+    processors = transformer.attn_processors
+    if not _has_masked_processors(transformer):
+        install_hook(transformer, STOCK_PROCESSORS_HOOK, StockProcessors(processors))
+    names = list(processors.keys())
     transformer.set_attn_processor({name: processor_cls(site) for site, name in enumerate(names)})
     return len(names)
+
+
+def uninstall(transformer: torch.nn.Module) -> None:
+    """Hand the pipeline's transformer back as it was: every ``instgenie.*`` hook
+    removed and the stock attention processors restored."""
+    stock = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(STOCK_PROCESSORS_HOOK)
+    if stock is not None:
+        transformer.set_attn_processor(stock.processors)
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None:
+            continue
+        for name in [name for name in registry.hooks if name.startswith(HOOK_PREFIX)]:
+            registry.remove_hook(name, recurse=False)
+
+
+def is_installed(transformer: torch.nn.Module) -> bool:
+    """Whether InstGenIE's processors or hooks are in ``transformer``."""
+    return _has_masked_processors(transformer) or any(
+        name.startswith(HOOK_PREFIX)
+        for module in transformer.modules()
+        for name in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+    )
+
+
+def _has_masked_processors(transformer: torch.nn.Module) -> bool:
+    masked = (MaskedFluxAttnProcessor, MaskedJointAttnProcessor)
+    return any(isinstance(p, masked) for p in transformer.attn_processors.values())

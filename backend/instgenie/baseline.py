@@ -73,13 +73,12 @@ class BaselinePipeline:
         limits: EngineLimits = EngineLimits(),
     ) -> None:
         transformer = getattr(pipe, "transformer", None)
-        if transformer is not None and any(
-            type(p).__module__ == attention.__name__ for p in transformer.attn_processors.values()
-        ):
+        if transformer is not None and attention.is_installed(transformer):
             # An engine's pipeline: the masked processors fall back to stock attention,
             # but a benchmark baseline must not depend on that.
             raise ValueError(
-                "pipe carries InstGenIE's masked attention processors; the baseline needs a stock pipeline"
+                "pipe carries InstGenIE's masked attention processors or hooks; the baseline needs a stock "
+                "pipeline (Family.uninstall hands one back)"
             )
         self.pipe = pipe
         self.family_cls = family_cls

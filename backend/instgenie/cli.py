@@ -1,10 +1,12 @@
-"""``instgenie`` command line: build offline models and run edits in-process."""
+"""The engine's ``instgenie`` subcommands: build offline models, edit in-process, profile.
+
+The ``instgenie`` command itself (:mod:`instgenie_cli`) adds these next to the
+server's, the client's and the router's.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
 from pathlib import Path
 
@@ -67,11 +69,8 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instgenie", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_engine_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``make-model``, ``edit-local`` and ``profile`` to ``commands``."""
     make = commands.add_parser("make-model", help="write a random-weight diffusers pipeline folder (offline)")
     make.add_argument("--family", required=True, choices=("flux-fill", "flux-inpaint", "sd3-inpaint"))
     make.add_argument("--size", default="tiny", choices=("tiny", "small"))
@@ -105,44 +104,3 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--cache-dir", help="folder on the disk the cache tier will use (default: the temp folder)")
     prof.add_argument("--repeats", type=int, default=2)
     prof.set_defaults(run=_profile)
-
-    # Imported here so this module stays importable on its own; neither imports torch or gRPC up front.
-    from instgenie_client.cli import add_client_commands
-    from instgenie_router.cli import add_router_command
-    from instgenie_server.launcher import add_serve_command
-
-    add_serve_command(commands)
-    add_client_commands(commands)
-    add_router_command(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    from instgenie_client import InstGenIEServerError
-    from instgenie_server.launcher import ServerStartError
-
-    from .errors import InstGenIEError
-
-    try:
-        return int(args.run(args))
-    except InstGenIEError as exc:
-        print(f"error ({exc.reason}): {exc}", file=sys.stderr)
-        return 2
-    except InstGenIEServerError as exc:
-        print(f"error ({exc.reason}): {exc.message} [request {exc.request_id}]", file=sys.stderr)
-        return 2
-    except (ConnectionError, TimeoutError) as exc:  # server unreachable, stream broken, too slow
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ServerStartError as exc:
-        print(f"error: the server did not start: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

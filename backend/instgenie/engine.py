@@ -14,13 +14,9 @@ that recording.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import hashlib
-import json
 import logging
 import math
-import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -31,16 +27,17 @@ from PIL import Image
 
 from . import masking
 from .activations import TemplateActivations
-from .attention import TokenBatch, TokenRow
+from .batching import call_inputs
 from .cache import ActivationStore, TemplateCache
 from .cache.planner import CostModel
-from .cache.staging import CopyStage, StagedSource
 from .codec import Codec, LocalCodec
-from .errors import InvalidInput, TemplateMismatch, UnknownTemplate
+from .errors import InstGenIEError, InvalidInput, TemplateMismatch
 from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask, encode_png
 from .loading import load_pipeline
-from .template_ids import check_template_id, template_id_from_digest
+from .scheduler import FcfsScheduler, Scheduler
+from .templates import TemplateRecord, TemplateRegistry, TemplateSpec
+from .templates import template_id as hash_template_id
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +48,6 @@ class EngineLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_steps: int = 100
     max_guidance: float = 100.0
-    template_budget_bytes: int | None = None  # host memory for recorded K/V (default store); LRU eviction
 
 
 class RequestKind(enum.Enum):
@@ -59,27 +55,6 @@ class RequestKind(enum.Enum):
     RECORD = "record"
 
 
-@dataclass
-class TemplateRecord:
-    """A registered template: its full run's inputs and result. Its K/V live in the
-    engine's :class:`~instgenie.cache.ActivationStore`; ``activations`` is the
-    recording itself on the record :meth:`Engine.finish_template` returns (for
-    inspection), ``None`` on records the engine keeps or rebuilds from disk."""
-
-    template_id: str
-    model_fingerprint: str
-    settings: GenerationSettings
-    prompt: str
-    image: Image.Image
-    pixel_mask: np.ndarray  # [H, W] bool; the template's own edit region (usually empty)
-    mask_tokens: torch.Tensor  # int64 [K]
-    inputs: LatentInputs  # full grid, before the first step
-    final_latents: torch.Tensor  # [1, N, C]
-    cache_bytes: int = 0  # the K/V as stored (mode-dependent)
-    activations: TemplateActivations | None = None
-    # [steps, N, C] input latents of every step: lets an edit recompute a step's
-    # first blocks over every token (None for caches written without them).
-    step_latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -210,12 +185,9 @@ class Engine:
         self.max_sequence_length = max_sequence_length
         self.limits = limits
         self.codec: Codec = LocalCodec(self.family)  # prompt encoding and VAE work; see use_codec
-        # Where recorded K/V live; by default host memory only, under the template budget.
-        self.store = store or ActivationStore(
-            model_fingerprint, host_budget_bytes=limits.template_budget_bytes, device=self.device
-        )
-        self._templates: dict[str, TemplateRecord] = {}  # metadata of templates the store holds
-        self._templates_lock = threading.Lock()
+        # Where recorded K/V live; by default host memory only, without a budget.
+        self.store = store or ActivationStore(model_fingerprint, device=self.device)
+        self.templates = TemplateRegistry(self.store, model_fingerprint)
         # This machine's fitted costs (``instgenie profile``): with them each step plans
         # which leading blocks recompute instead of loading; without, every block loads.
         self.costs = costs
@@ -241,8 +213,7 @@ class Engine:
         pipe, family_cls, fingerprint = load_pipeline(model_dir, device, dtype)
         store = None
         if cache is not None:
-            options = {"host_budget_bytes": limits.template_budget_bytes, "device": device, **cache}
-            store = ActivationStore(fingerprint, **options)
+            store = ActivationStore(fingerprint, **{"device": device, **cache})
         return cls(
             pipe,
             family_cls,
@@ -260,54 +231,31 @@ class Engine:
         self.codec.close()
         self.codec = codec
 
-    # -- templates -------------------------------------------------------------
+    # -- templates (the registry's) ----------------------------------------------
     def template(self, template_id: str) -> TemplateRecord:
-        """A registered template; rebuilt from the disk tier if only that holds it.
-
-        Raises ``UnknownTemplate`` for an id not of the template-id form before any lookup.
-        """
-        check_template_id(template_id)
-        with self._templates_lock:
-            record = self._templates.get(template_id)
-        if record is not None and self.store.has(template_id):
-            self.store.touch(template_id)
-            return record
-        if record is not None:  # its K/V were evicted (host-only store)
-            with self._templates_lock:
-                self._templates.pop(template_id, None)
-            raise UnknownTemplate(f"template {template_id!r} was evicted from the cache; register it again")
-        meta, info = self.store.meta(template_id)  # UnknownTemplate / CacheCorrupt
-        record = _record_from_meta(template_id, meta, info)
-        if record.model_fingerprint != self.model_fingerprint:
-            raise UnknownTemplate(f"template {template_id!r} was recorded with another model; register it again")
-        record.cache_bytes = self.store.nbytes(template_id)
-        with self._templates_lock:
-            self._templates[template_id] = record
-        return record
+        """A registered template (:meth:`TemplateRegistry.get <instgenie.templates.TemplateRegistry.get>`)."""
+        return self.templates.get(template_id)
 
     def add_template(self, record: TemplateRecord, recording: TemplateActivations) -> None:
-        """Store ``recording`` as ``record``'s cache (host memory; disk if configured).
-
-        Requests already running hold their template's cache and are unaffected by
-        eviction. Raises ``CacheBudgetExceeded`` / ``CacheWriteFailed``.
-        """
-        meta, info = _record_meta(record)
-        record.cache_bytes = self.store.put(record.template_id, recording, meta, info, record.mask_tokens)
-        with self._templates_lock:
-            self._templates[record.template_id] = dataclasses.replace(record, activations=None)
+        """Store a recording as ``record``'s cache (e.g. one recorded by another engine)."""
+        self.templates.add(record, recording)
 
     def has_template(self, template_id: str) -> bool:
-        return self.store.has(template_id)
+        return self.templates.has(template_id)
 
     def forget_template(self, template_id: str) -> TemplateRecord | None:
-        """Drop the template everywhere; return its record if it was in memory (to record it again)."""
-        with self._templates_lock:
-            record = self._templates.pop(template_id, None)
-        self.store.discard(template_id)
-        return record
+        return self.templates.forget(template_id)
+
+    def forget_template_for_recording(self, template_id: str) -> TemplateSpec | None:
+        """Drop a template whose cache is corrupt; the spec to record it again (same id)
+        from its record in memory, or ``None`` if there is none."""
+        record = self.templates.forget(template_id)
+        if record is None:
+            return None
+        return TemplateSpec(record.template_id, record.prompt, record.image, record.pixel_mask, record.settings)
 
     def template_ids(self) -> list[str]:
-        return self.store.template_ids()
+        return self.templates.ids()
 
     # -- preparation -----------------------------------------------------------
     def _settings(
@@ -396,7 +344,7 @@ class Engine:
             state.full_inputs = full_inputs
         return state
 
-    def prepare_template(
+    def template_spec(
         self,
         image: ImageInput,
         prompt: str,
@@ -405,13 +353,14 @@ class Engine:
         steps: int | None = None,
         guidance: float | None = None,
         mask: ImageInput | None = None,
-        request_id: str | None = None,
-    ) -> RequestState:
-        """A recording run of a template: a full computation that records its K/V.
+    ) -> TemplateSpec:
+        """Decode and check a registration and compute its template id (cheap: no model runs).
 
         ``mask`` is the template's own edit region (default: none, i.e. the run
         reconstructs the template image); edits always recompute those tokens.
         """
+        if not isinstance(prompt, str):
+            raise InvalidInput(f"prompt must be a string, got {type(prompt).__name__}")
         pil = decode_image(image, max_pixels=self.limits.max_pixels)
         settings = self._settings(pil, seed, steps, guidance)
         pixel_mask = (
@@ -419,14 +368,22 @@ class Engine:
             if mask is None
             else decode_mask(mask, pil.size, max_pixels=self.limits.max_pixels)
         )
-        return self._start(RequestKind.RECORD, settings, prompt, pil, pixel_mask, None, None, request_id)
+        return TemplateSpec(hash_template_id(self.model_fingerprint, settings, prompt, pil, pixel_mask), prompt, pil, pixel_mask, settings)
+
+    def start_template(self, spec: TemplateSpec, request_id: str | None = None) -> RequestState:
+        """The recording run of ``spec``: a full computation that records its K/V."""
+        return self._start(RequestKind.RECORD, spec.settings, spec.prompt, spec.image, spec.pixel_mask, None, None, request_id)
+
+    def prepare_template(self, image: ImageInput, prompt: str, *, request_id: str | None = None, **settings: Any) -> RequestState:
+        """:meth:`template_spec` then :meth:`start_template`."""
+        return self.start_template(self.template_spec(image, prompt, **settings), request_id)
 
     def prepare_edit(
         self,
         mask: ImageInput,
         prompt: str,
         *,
-        template_id: str | None = None,
+        template_id: str | TemplateRecord | None = None,
         image: ImageInput | None = None,
         seed: int | None = None,
         steps: int | None = None,
@@ -434,7 +391,8 @@ class Engine:
         full_compute: bool = False,
         request_id: str | None = None,
     ) -> RequestState:
-        """An edit of a registered template (``template_id``) or of a raw ``image``.
+        """An edit of a registered template (``template_id``, or its record already
+        looked up with :meth:`template`) or of a raw ``image``.
 
         A raw image, or ``full_compute=True``, runs the full computation. An empty
         mask returns a state that is already done: its result is the image itself.
@@ -443,7 +401,7 @@ class Engine:
         if (template_id is None) == (image is None):
             raise InvalidInput("give exactly one of template_id and image")
         if template_id is not None:
-            record = self.template(template_id)
+            record = template_id if isinstance(template_id, TemplateRecord) else self.template(template_id)
             settings = self._template_settings(record, seed, steps, guidance)
             pil = record.image
         else:
@@ -463,32 +421,31 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------
     def step(self, states: Sequence[RequestState], full_blocks: int | None = None) -> None:
-        """Advance every unfinished state by one denoising step, in one transformer call.
+        """Advance every unfinished state by one denoising step, in exactly one transformer call.
 
         States may be at different steps, compute different token sets, use different
         templates (of one resolution) or none, and record; each gets exactly what it
-        would get stepped alone (up to batched-kernel rounding).
+        would get stepped alone (up to batched-kernel rounding). Which states share a
+        call is the scheduler's decision (:meth:`~instgenie.scheduler.FcfsScheduler.calls`).
 
         ``full_blocks``: how many leading transformer blocks compute every token
-        instead of reading the cache (default: each state's own plan, states with
-        different plans stepping in separate calls).
+        instead of reading the cache; default: the states' planned prefix, which they
+        must share.
+
+        Raises:
+            InvalidInput: the states are of different resolutions, or plan different prefixes.
         """
         active = [s for s in states if not s.done]
         if not active:
             return
+        if full_blocks is None:
+            planned = {state.full_blocks for state in active}
+            if len(planned) > 1:
+                raise InvalidInput(f"states planning different recomputed prefixes {sorted(planned)} cannot share a call")
+            full_blocks = planned.pop()
         for state in active:
             if state.recording is not None:
                 state.recording.put_latents(state.step_index, state.inputs.latents)
-        if full_blocks is None:  # one call per planned prefix length (usually one call)
-            groups: dict[int, list[RequestState]] = {}
-            for state in active:
-                groups.setdefault(state.full_blocks, []).append(state)
-            for planned, group in groups.items():
-                self._call(group, planned)
-        else:
-            self._call(active, full_blocks)
-
-    def _call(self, active: Sequence[RequestState], full_blocks: int) -> None:
         inputs = self.model_inputs(active, full_blocks)
         output = inputs.batch.computed_outputs(self.family.predict(inputs))
         first = 0
@@ -519,64 +476,10 @@ class Engine:
         )
         return plan.recomputed
 
-    def _full_grid_tokens(self, state: RequestState) -> torch.Tensor:
-        """``[N, C]`` inputs of every token of a cached state: the template's latents at
-        this step where the state computes nothing (the tokens its cache stands for)."""
-        assert state.template is not None and state.template.step_latents is not None and state.full_inputs is not None
-        latents = state.template.step_latents[state.step_index].clone()
-        latents[state.token_index] = state.inputs.latents[0]
-        if state.full_inputs.condition is not None:
-            latents = torch.cat([latents, state.full_inputs.condition[0]], dim=-1)
-        return latents
-
     def model_inputs(self, active: Sequence[RequestState], full_blocks: int = 0) -> ModelInputs:
-        """The batched transformer inputs of unfinished ``active`` states at their current steps.
+        """The inputs of one transformer call over ``active`` (:func:`~instgenie.batching.call_inputs`)."""
+        return call_inputs(self.family, self.device, active, full_blocks)
 
-        With ``full_blocks`` > 0 every row carries every token (for the full-block prefix).
-        """
-        grid = self.family.grid(active[0].settings)
-        if any(self.family.grid(s.settings) != grid for s in active):
-            raise InvalidInput("states of different resolutions cannot share a step")
-        if full_blocks and any(s.template is not None and s.template.step_latents is None for s in active):
-            raise ValueError("a template cached without step latents cannot recompute blocks; register it again")
-        rows: list[TokenRow] = []
-        tokens: list[torch.Tensor] = []
-        for state in active:
-            row_tokens = state.inputs.latents[0]
-            if state.inputs.condition is not None:
-                row_tokens = torch.cat([row_tokens, state.inputs.condition[0]], dim=-1)
-            if full_blocks and state.template is not None:
-                row_tokens = self._full_grid_tokens(state)
-            for row in range(state.rows):
-                rows.append(
-                    TokenRow(
-                        token_index=state.token_index,
-                        cached=None if state.kv is None else state.kv.at(state.step_index, row),
-                        recorder=None if state.recording is None else state.recording.at(state.step_index, row),
-                    )
-                )
-                tokens.append(row_tokens)
-        if any(row.cached is not None for row in rows):
-            # Host->device copies run a site ahead of the compute (a no-op copy on CPU).
-            stage = CopyStage(
-                [row.cached for row in rows], self.family.num_sites, self.family.sites_before(full_blocks), self.device
-            )
-            for b, row in enumerate(rows):
-                if row.cached is not None:
-                    row.cached = StagedSource(stage, b, row.cached)
-        text = torch.cat([s.text.prompt_embeds for s in active])
-        batch = TokenBatch(rows, num_tokens=active[0].num_tokens, text_len=text.shape[1], full_blocks=full_blocks)
-        return ModelInputs(
-            batch=batch,
-            tokens=_pad_rows(tokens, batch.num_tokens if batch.is_dense else batch.padded_len),
-            prompt_embeds=text,
-            pooled=torch.cat([s.text.pooled for s in active]),
-            timesteps=torch.stack([s.timesteps[s.step_index] for s in active for _ in range(s.rows)]),
-            guidance=torch.tensor(
-                [s.settings.guidance for s in active for _ in range(s.rows)], dtype=torch.float32, device=self.device
-            ),
-            grid=grid,
-        )
 
     @staticmethod
     def _advance(state: RequestState, prediction: torch.Tensor) -> None:
@@ -628,8 +531,23 @@ class Engine:
         self.add_template(template, state.recording)
         return template
 
+    # -- a request's cache: opened by prepare, advanced by step, waited for and
+    # released by whoever drives the steps (the step loop, or run/edit here) -------
+    def wait_for_caches(self, states: Sequence[RequestState]) -> list[tuple[RequestState, InstGenIEError]]:
+        """Wait until each state's cache of its current step is loaded; the states whose
+        cache cannot be read, with why (``CacheCorrupt``, ``UnknownTemplate``, ...)."""
+        failed = []
+        for state in states:
+            if state.kv is None:
+                continue
+            try:
+                state.kv.wait(state.step_index)
+            except InstGenIEError as error:
+                failed.append((state, error))
+        return failed
+
     def release(self, state: RequestState) -> None:
-        """Let go of what ``state`` holds in the cache; call when a request leaves for any reason."""
+        """Let go of what ``state`` holds in the cache; call once a request leaves, for any reason."""
         if state.kv is not None:
             state.kv.release()
 
@@ -637,7 +555,6 @@ class Engine:
         """Decode a finished edit; pixels outside its mask are the template's, byte for byte."""
         if state.kind is not RequestKind.EDIT or not state.done:
             raise ValueError("finish_edit takes a finished EDIT state")
-        self.release(state)
         latents = self.final_latents(state)
         if not state.pixel_mask.any():
             image = state.image.copy()
@@ -657,20 +574,16 @@ class Engine:
 
     def template_id(self, state: RequestState) -> str:
         """Stable id: a hash of the model, the settings, the prompt, the image and its mask."""
-        digest = hashlib.sha256()
-        digest.update(self.model_fingerprint.encode())
-        digest.update(repr(state.settings).encode())
-        digest.update(state.prompt.encode())
-        digest.update(np.asarray(state.image).tobytes())
-        digest.update(np.packbits(state.pixel_mask).tobytes())
-        return template_id_from_digest(digest.hexdigest())
+        return hash_template_id(self.model_fingerprint, state.settings, state.prompt, state.image, state.pixel_mask)
 
     # -- conveniences ------------------------------------------------------------
-    def run(self, states: Iterable[RequestState]) -> None:
-        """Step ``states`` together until all are done."""
+    def run(self, states: Iterable[RequestState], scheduler: Scheduler | None = None) -> None:
+        """Step ``states`` together until all are done, in the calls ``scheduler`` groups them into."""
         states = list(states)
-        while not all(s.done for s in states):
-            self.step(states)
+        scheduler = scheduler or FcfsScheduler()
+        while active := [s for s in states if not s.done]:
+            for call in scheduler.calls(active):
+                self.step([active[i] for i in call])
 
     def register_template(self, image: ImageInput, prompt: str, **kwargs: Any) -> TemplateRecord:
         state = self.prepare_template(image, prompt, **kwargs)
@@ -679,52 +592,9 @@ class Engine:
 
     def edit(self, mask: ImageInput, prompt: str, **kwargs: Any) -> EditResult:
         state = self.prepare_edit(mask, prompt, **kwargs)
-        self.run([state])
-        return self.finish_edit(state)
+        try:
+            self.run([state])
+            return self.finish_edit(state)
+        finally:
+            self.release(state)
 
-
-def _pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    """Stack ``[M_b, C]`` rows into ``[B, length, C]``, padding with each row's last token."""
-    return torch.stack([torch.cat([r, r[-1:].expand(length - r.shape[0], -1)]) if r.shape[0] < length else r for r in rows])
-
-
-_INPUT_FIELDS = ("latents", "condition", "image_latents", "noise", "blend_mask", "generator_state")
-
-
-def _record_meta(record: TemplateRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A template record (without K/V) as tensors and strings, for the disk tier."""
-    meta = {
-        "final_latents": record.final_latents,
-        "mask_tokens": record.mask_tokens,
-        "pixel_mask": torch.from_numpy(np.ascontiguousarray(record.pixel_mask, dtype=np.uint8)),
-        "image": torch.from_numpy(np.array(record.image.convert("RGB"), dtype=np.uint8)),
-    }
-    if record.step_latents is not None:
-        meta["step_latents"] = record.step_latents
-    for name in _INPUT_FIELDS:
-        value = getattr(record.inputs, name)
-        if value is not None:
-            meta[f"inputs.{name}"] = value
-    info = {
-        "template_id": record.template_id,
-        "model_fingerprint": record.model_fingerprint,
-        "settings": json.dumps(dataclasses.asdict(record.settings)),
-        "prompt": record.prompt,
-    }
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in meta.items()}, info
-
-
-def _record_from_meta(template_id: str, meta: dict[str, torch.Tensor], info: dict[str, str]) -> TemplateRecord:
-    inputs = LatentInputs(**{name: meta.get(f"inputs.{name}") for name in _INPUT_FIELDS})  # type: ignore[arg-type]
-    return TemplateRecord(
-        template_id=template_id,
-        model_fingerprint=info["model_fingerprint"],
-        settings=GenerationSettings(**json.loads(info["settings"])),
-        prompt=info["prompt"],
-        image=Image.fromarray(meta["image"].numpy()),
-        pixel_mask=meta["pixel_mask"].numpy().astype(bool),
-        mask_tokens=meta["mask_tokens"],
-        inputs=inputs,
-        final_latents=meta["final_latents"],
-        step_latents=meta.get("step_latents"),
-    )

@@ -1,8 +1,9 @@
 """Which waiting requests join the running batch at the next step.
 
-The scheduler decides *which* states step together; the engine knows *how* to run
-them. It sees only what a state costs (rows, computed tokens) and which grid it is
-on, so it is tested without a model.
+The scheduler decides *which* states step together, and in which transformer calls;
+the engine runs exactly those calls. It sees only what a state costs (rows, computed
+tokens), which grid it is on and which leading blocks it recomputes, so it is tested
+without a model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ class Schedulable(Protocol):
 
     @property
     def grid_key(self) -> tuple[int, int]: ...  # (width, height): one transformer call takes one grid
+
+    @property
+    def full_blocks(self) -> int: ...  # planned leading blocks computing every token: one per call
+
+
+class Scheduler(Protocol):
+    """What the step loop asks of a scheduler (:class:`FcfsScheduler` is the one we ship)."""
+
+    def admit(self, running: Sequence[Schedulable], waiting: Sequence[Schedulable]) -> list[int]: ...
+
+    def calls(self, running: Sequence[Schedulable]) -> list[list[int]]: ...
 
 
 @dataclass(frozen=True)
@@ -84,9 +96,20 @@ class FcfsScheduler:
     def calls(self, running: Sequence[Schedulable]) -> list[list[int]]:
         """Indices into ``running`` grouped into the transformer calls of one step.
 
-        Rows of a call are padded to its longest row; grouping similar token counts
-        (ascending) bounds that waste by ``max_padding_waste``.
+        A call takes one grid (admission keeps the batch on one) and one planned prefix
+        of recomputed blocks. Rows of a call are padded to its longest row; grouping
+        similar token counts (ascending) bounds that waste by ``max_padding_waste``.
         """
+        by_prefix: dict[int, list[int]] = {}
+        for index, state in enumerate(running):
+            by_prefix.setdefault(state.full_blocks, []).append(index)
+        return [
+            [members[i] for i in call]
+            for members in by_prefix.values()
+            for call in self._padding_calls([running[i] for i in members])
+        ]
+
+    def _padding_calls(self, running: Sequence[Schedulable]) -> list[list[int]]:
         waste = self.config.max_padding_waste
         if waste is None or len(running) < 2:
             return [list(range(len(running)))] if running else []

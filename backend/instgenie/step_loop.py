@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-from PIL import Image
 
 from .engine import Engine, RequestState
 from .errors import CacheCorrupt, Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
-from .imaging import encode_png
-from .scheduler import FcfsScheduler
+from .scheduler import FcfsScheduler, Scheduler
+from .templates import TemplateSpec
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +136,7 @@ class _Job:
     state: RequestState | None = None
     ready_at_step: int = 0  # the loop's step count when the job became ready
     first_step_at: float | None = None
+    spec: TemplateSpec | None = None  # a registration decoded already (the loop recording a template again)
 
 
 @dataclass
@@ -158,7 +158,7 @@ class StepLoop:
         self,
         engine: Engine,
         *,
-        scheduler: FcfsScheduler | None = None,
+        scheduler: Scheduler | None = None,
         max_waiting: int = 64,
         workers: int = 2,
         observer: LoopObserver | None = None,
@@ -167,7 +167,7 @@ class StepLoop:
         if max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
         self.engine = engine
-        self.scheduler = scheduler or FcfsScheduler()
+        self.scheduler: Scheduler = scheduler or FcfsScheduler()
         self.max_waiting = max_waiting
         self.observer = observer or LoopObserver()
         self._clock = clock
@@ -185,7 +185,12 @@ class StepLoop:
     # -- public API ------------------------------------------------------------------
     def submit(self, request: EditRequest, sink: JobSink) -> None:
         """Accept a request; its sink hears of it until exactly one ``finish`` / ``fail``."""
-        job = _Job(request, sink, arrived=self._clock())
+        error = self._accept(_Job(request, sink, arrived=self._clock()))
+        if error is not None:
+            self._notify_refusal(request, sink, error)
+
+    def _accept(self, job: _Job) -> InstGenIEError | None:
+        """Queue ``job`` for preparation, or say why it cannot be accepted now."""
         with self._cond:
             waiting = sum(j.phase in (_Phase.PREPARING, _Phase.WAITING) for j in self._queues.jobs)
             if self._closing:
@@ -196,11 +201,14 @@ class StepLoop:
                 error = None
                 self._queues.jobs.add(job)
         if error is not None:
-            self._notify(job, "fail", error)
-            self.observer.failed(error.reason)
-            return
+            return error
         self._publish_load()
         self._pool.submit(self._guarded, job, self._prepare)
+        return None
+
+    def _notify_refusal(self, request: EditRequest, sink: JobSink, error: InstGenIEError) -> None:
+        self._notify(_Job(request, sink, arrived=self._clock()), "fail", error)
+        self.observer.failed(error.reason)
 
     def load(self) -> LoopLoad:
         with self._cond:
@@ -214,10 +222,6 @@ class StepLoop:
             masked_tokens=sum(j.state.rows * j.state.computed_tokens for j in jobs if j.phase is _Phase.ACTIVE and j.state),
             outstanding_token_steps=sum(s.remaining_token_steps for s in states),
         )
-
-    @property
-    def closing(self) -> bool:
-        return self._closing
 
     def drain(self, timeout_s: float) -> bool:
         """Refuse new requests and wait up to ``timeout_s`` for accepted ones to settle."""
@@ -265,29 +269,30 @@ class StepLoop:
     def _prepare(self, job: _Job) -> None:
         request, engine = job.request, self.engine
         if request.action == "register":
-            if request.image is None:
+            if request.image is None and job.spec is None:
                 raise InvalidInput("register needs IMAGE (the template picture)")
-            state = engine.prepare_template(
+            spec = job.spec or engine.template_spec(
                 request.image,
                 request.prompt,
                 seed=request.seed,
                 steps=request.steps,
                 guidance=request.guidance,
                 mask=request.mask,
-                request_id=request.request_id,
             )
-            template_id = engine.template_id(state)
-            known = engine.has_template(template_id)
+            known = engine.has_template(spec.template_id)
             self.observer.template_lookup(known)
             if known:  # registration is idempotent: same content and settings, same id
-                self._settle(job, JobOutcome(request.request_id, template_id, None, 0, state.num_tokens, 0))
+                num_tokens = engine.family.num_tokens(spec.settings)
+                self._settle(job, JobOutcome(request.request_id, spec.template_id, None, 0, num_tokens, 0))
                 return
+            state = engine.start_template(spec, request.request_id)
         elif request.action == "edit":
             if request.mask is None:
                 raise InvalidInput("edit needs MASK (white = the region to edit)")
+            template = None
             if request.template_id is not None:
                 try:
-                    engine.template(request.template_id)
+                    template = engine.template(request.template_id)
                 except UnknownTemplate:
                     self.observer.template_lookup(False)
                     raise
@@ -295,7 +300,7 @@ class StepLoop:
             state = engine.prepare_edit(
                 request.mask,
                 request.prompt,
-                template_id=request.template_id,
+                template_id=template,
                 image=request.image,
                 seed=request.seed,
                 steps=request.steps,
@@ -414,35 +419,22 @@ class StepLoop:
     def _await_caches(self) -> None:
         """Wait for each active request's cache of this step; a request whose cache
         cannot be read fails alone (and a corrupt template is recorded again)."""
-        for job in list(self._active):
-            state = job.state
-            if state is None or state.kv is None:
-                continue
-            try:
-                state.kv.wait(state.step_index)
-            except InstGenIEError as error:
-                self._active.remove(job)
-                if isinstance(error, CacheCorrupt):
-                    error = self._record_again(state.kv.template_id, error)
-                self._fail(job, error)
+        by_state = {id(job.state): job for job in self._active}
+        for state, error in self.engine.wait_for_caches([job.state for job in self._active if job.state is not None]):
+            job = by_state[id(state)]
+            self._active.remove(job)
+            if isinstance(error, CacheCorrupt) and state.template_id is not None:
+                error = self._record_again(state.template_id, error)
+            self._fail(job, error)
 
     def _record_again(self, template_id: str, error: CacheCorrupt) -> CacheCorrupt:
-        record = self.engine.forget_template(template_id)
-        if record is None:
+        """Record a template whose cache is corrupt again, from its record (same id)."""
+        spec = self.engine.forget_template_for_recording(template_id)
+        if spec is None:
             return error
-        request = EditRequest(
-            f"rerecord-{template_id}",
-            action="register",
-            prompt=record.prompt,
-            image=encode_png(record.image),
-            mask=encode_png(Image.fromarray(record.pixel_mask)) if record.pixel_mask.any() else None,
-            seed=record.settings.seed,
-            steps=record.settings.steps,
-            guidance=record.settings.guidance,
-        )
-        try:
-            self.submit(request, _LogSink(request.request_id))
-        except InstGenIEError as busy:
+        request_id = f"rerecord-{template_id}"
+        busy = self._accept(_Job(EditRequest(request_id, action="register"), _LogSink(request_id), self._clock(), spec=spec))
+        if busy is not None:
             log.warning("cannot record template %s again now: %s", template_id, busy)
             return CacheCorrupt(f"{error}; register the template again")
         return CacheCorrupt(f"{error}; it is being recorded again under the same id, retry shortly")
@@ -496,7 +488,7 @@ class StepLoop:
                 return
             log.warning("a call of %d requests failed (%s: %s); stepping them in smaller calls",
                         len(jobs), type(error).__name__, error)  # fmt: skip
-        # Requests the failed call already advanced (another planned group of it) are done.
+        # A call advances all of its states or none; the halves start from the same step.
         left = [job for job, before in zip(jobs, steps_before) if job.state.step_index == before]  # type: ignore[union-attr]
         half = len(left) // 2
         for part in (left[:half], left[half:]) if half else (left,):

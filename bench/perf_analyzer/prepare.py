@@ -15,7 +15,7 @@ fresh server with the same model re-creates the same ids), then writes:
 Each file holds ``--entries`` requests (perf_analyzer cycles through them) with mask
 ratios drawn from ``bench/data/mask_ratios.csv`` like ``bench/serving.py``. Images
 and masks are sent as base64 text in ordinary string elements, which the server
-decodes (see ``instgenie_client.protocol``): perf_analyzer's ``{"b64": ...}`` form is
+decodes (see ``instgenie_protocol``): perf_analyzer's ``{"b64": ...}`` form is
 the raw *serialized* tensor, which for BYTES would need a 4-byte length prefix per
 element. All tensors are one element; the edit model has no batch dimension
 (dims ``[1]``), the baseline gets its batch dimension from perf_analyzer (``-b 1``).
@@ -36,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from sample_inputs import sample_template  # noqa: E402
-from serving import PROMPTS, TEMPLATE_PROMPTS, TRACE, make_workload, png, read_trace  # noqa: E402
+from workload import PROMPTS, TEMPLATE_PROMPTS, TRACE, make_workload, png, read_trace  # noqa: E402
 
 
 def b64(data: bytes) -> str:

@@ -1,13 +1,12 @@
-"""Clients of the ``instgenie_edit`` Triton model (see :mod:`instgenie_client.protocol`).
+"""Clients of the ``instgenie_edit`` Triton model (its wire: :mod:`instgenie_protocol`).
 
 - :class:`InstGenIEClient`: blocking gRPC client; :meth:`~InstGenIEClient.submit` returns
   an :class:`EditJob` handle (progress, cancel, result).
 - :class:`AsyncInstGenIEClient`: the same over ``asyncio``.
 - :class:`SseInstGenIEClient`: HTTP server-sent events, standard library only.
 
-The result and error types below are shared by all three and import nothing heavy:
-the server's Python stub imports :mod:`instgenie_client.protocol`, which runs this
-file, so the client classes load lazily (gRPC only when one is used).
+The result and error types below are shared by all three and import nothing heavy;
+the client classes load lazily (gRPC only when one is used).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .protocol import ServerError, error_message
+from instgenie_protocol import ServerError, error_message
 
 #: Seconds a request may take in all, and may go without any response, before a client
 #: cancels it (a server that died silently must not hang a caller). A request waiting

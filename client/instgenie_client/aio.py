@@ -32,7 +32,7 @@ from . import (
     request_inputs,
 )
 from .grpc_client import infer_inputs, response_outputs, stream_error
-from .protocol import EDIT_MODEL
+from instgenie_protocol import EDIT_MODEL
 
 ProgressCallback = Callable[[Progress], "None | Awaitable[None]"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import DEFAULT_STALL_TIMEOUT_S, DEFAULT_TIMEOUT_S, Progress
-from .protocol import check_template_id
+from instgenie_protocol import check_template_id
 
 DEFAULT_URL = "localhost:8001"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C

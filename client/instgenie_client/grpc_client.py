@@ -32,7 +32,7 @@ from . import (
     new_request_id,
     request_inputs,
 )
-from .protocol import EDIT_MODEL, INPUTS
+from instgenie_protocol import EDIT_MODEL, INPUTS
 
 ProgressCallback = Callable[[Progress], None]
 

@@ -31,7 +31,7 @@ from . import (
     new_request_id,
     request_inputs,
 )
-from .protocol import EDIT_MODEL
+from instgenie_protocol import EDIT_MODEL
 
 ProgressCallback = Callable[[Progress], None]
 

@@ -34,8 +34,9 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from instgenie_client.protocol import error_message
+from instgenie_protocol import EDIT_MODEL, ServerError, error_message
 
+from .broadcast import register_everywhere
 from .instances import Instance, InstancePool, RequestCost
 from .metrics import RouterMetrics
 from .policies import Policy
@@ -47,11 +48,9 @@ __all__ = ["GrpcRouter", "NoInstance"]
 
 log = logging.getLogger("instgenie.router")
 
-EDIT_MODEL = "instgenie_edit"
 # Codes that mean "this instance could not serve it" rather than "the request is bad".
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED}
 _FINAL_OUTPUTS = {"EDITED_IMAGE", "TEMPLATE", "TEMPLATES"}
-_UNKNOWN_TEMPLATE = "] unknown_template:"  # the instances' error wording (instgenie_client.protocol)
 _MESSAGE_BYTES = 256 * 2**20  # edited images and templates are MBs
 
 
@@ -206,7 +205,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         except Overloaded as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
-            info = inspect(request)
+            info = inspect(request, pixels_per_token=self.pool.pixels_per_token())
             refused = template_id_error(info, request.id)
             if refused is not None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
@@ -272,7 +271,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             stream.send(_FINISHED)
             return
         try:
-            info = inspect(request)
+            info = inspect(request, pixels_per_token=self.pool.pixels_per_token())
             refused = template_id_error(info, request.id)
             if refused is not None:  # a malformed id never leaves the router
                 stream.send(_error_text_response(request, refused))
@@ -337,7 +336,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         final = forwarded = False
         try:
             for response in call:
-                if not forwarded and _UNKNOWN_TEMPLATE in response.error_message:
+                if not forwarded and ServerError.parse(response.error_message).reason == "unknown_template":
                     # This instance lacks the template (it joined after the registration,
                     # or lost its disk): another one may hold it.
                     log.info("request %s: %s lacks its template; trying another instance", request.id, instance.name)
@@ -384,14 +383,17 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         except NoInstance as exc:
             stream.send(_error_response(request, "unavailable", str(exc)))
             return
-        others = [
-            self._workers.submit(self._register_quietly, instance, request, cost)
-            for instance in self.pool.healthy({chosen.name})
-        ]
         held: list[Any] = []
-        outcome = self._attempt(chosen, request, cost, stream.holding(held), key=key)
-        for other in others:
-            other.result(timeout=self.request_timeout_s)
+
+        def register(instance: Instance) -> bool | None:
+            if instance is chosen:  # its responses are the client's
+                return self._attempt(chosen, request, cost, stream.holding(held), key=key)
+            self._register_quietly(instance, request, cost)
+            return None
+
+        everywhere = [chosen, *self.pool.healthy({chosen.name})]
+        results = register_everywhere(everywhere, register, self._workers, self.request_timeout_s, first_here=True)
+        outcome = results[0][1] if not isinstance(results[0][1], Exception) else None
         template_ids = [t for r in held if not r.error_message for t in bytes_output(r, "TEMPLATE") or []]
         if template_ids:
             self.registrations.remember(template_ids[0].decode(errors="replace"), request, cost.token_steps)

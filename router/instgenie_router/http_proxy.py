@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING
 
-from instgenie_client.protocol import error_message
+from instgenie_protocol import error_message
 
+from .broadcast import register_everywhere
 from .instances import Instance, RequestCost
 from .requests import inspect_json, template_id_error
 
@@ -44,7 +45,7 @@ def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> N
     if method == "POST" and "/generate" in handler.path:
         try:
             fields = json.loads(body or b"{}")
-            info = inspect_json(fields)
+            info = inspect_json(fields, pixels_per_token=router.pool.pixels_per_token())
             cost, register, request_id = info.cost, info.action == "register", str(fields.get("id", ""))
         except (ValueError, AttributeError):
             pass  # not JSON: the instance answers with its own error
@@ -158,13 +159,8 @@ def _broadcast(router: "Router", handler: BaseHTTPRequestHandler, method: str, b
             connection.close()
 
     with ThreadPoolExecutor(len(instances)) as pool:
-        futures = [pool.submit(register, instance) for instance in instances]
-        answers = []
-        for instance, future in zip(instances, futures):
-            try:
-                answers.append(future.result())
-            except OSError as exc:
-                log.warning("registering on %s failed: %s", instance.name, exc)
+        results = register_everywhere(instances, register, pool, router.config.request_timeout_s)
+    answers = [answer for _, answer in results if not isinstance(answer, Exception)]
     if not answers:
         _reply_error(handler, 503, "no instance could register the template")
         return

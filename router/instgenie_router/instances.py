@@ -18,6 +18,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from instgenie_protocol import DEFAULT_PIXELS_PER_TOKEN, PIXELS_PER_TOKEN_METRIC
+
 __all__ = ["Instance", "InstancePool", "RequestCost"]
 
 _AFFINITY_TEMPLATES = 64  # templates per instance assumed resident in its host memory
@@ -154,6 +156,15 @@ class InstancePool:
     def healthy(self, exclude: set[str] = frozenset()) -> list[Instance]:  # type: ignore[assignment]
         with self.lock:
             return [i for i in self.instances if i.healthy and i.name not in exclude]
+
+    def pixels_per_token(self) -> int:
+        """The instances' latent-token grid (their scraped gauge); the DiT grid before any scrape."""
+        with self.lock:
+            for instance in self.instances:
+                value = instance.scraped.get(PIXELS_PER_TOKEN_METRIC)
+                if value:
+                    return int(value)
+        return DEFAULT_PIXELS_PER_TOKEN
 
     def by_name(self, name: str) -> Instance:
         with self.lock:

@@ -1,9 +1,10 @@
 """What the router reads of a KServe v2 inference request: action, template, mask size.
 
-The edit model's inputs (``instgenie_client.protocol``) travel either as raw bytes
+The edit model's inputs (:mod:`instgenie_protocol.names`) travel either as raw bytes
 (``raw_input_contents``, tritonclient's default: BYTES elements length-prefixed,
 numbers little-endian) or as typed ``contents``; both are read. The mask is decoded
-only to count the latent tokens it touches, the unit of the instances' load gauge.
+only to count the latent tokens it touches (:mod:`instgenie_protocol.tokens`, on the
+instances' own token grid), the unit of their load gauge.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from instgenie_client.protocol import check_template_id, error_message
+from instgenie_protocol import (
+    DEFAULT_PIXELS_PER_TOKEN,
+    check_template_id,
+    error_message,
+    image_token_count,
+    mask_token_count,
+)
 
 from .instances import RequestCost
 
 __all__ = ["EditRequestInfo", "inspect", "inspect_json", "template_id_error"]
-
-PIXELS_PER_TOKEN = 16  # VAE factor 8 x patch 2 (Flux, SD3)
-
 
 @dataclass(frozen=True)
 class EditRequestInfo:
@@ -32,12 +36,12 @@ class EditRequestInfo:
     cost: RequestCost
 
 
-def inspect(request: object, default_steps: int = 28) -> EditRequestInfo:
+def inspect(request: object, default_steps: int = 28, pixels_per_token: int = DEFAULT_PIXELS_PER_TOKEN) -> EditRequestInfo:
     """Routing facts of a ``ModelInferRequest``."""
-    return _facts(_inputs(request), default_steps)
+    return _facts(_inputs(request), default_steps, pixels_per_token)
 
 
-def inspect_json(body: dict, default_steps: int = 28) -> EditRequestInfo:
+def inspect_json(body: dict, default_steps: int = 28, pixels_per_token: int = DEFAULT_PIXELS_PER_TOKEN) -> EditRequestInfo:
     """Routing facts of a ``generate``/``generate_stream`` JSON body (inputs by name)."""
     values: dict[str, bytes] = {}
     for name, value in body.items():
@@ -49,20 +53,20 @@ def inspect_json(body: dict, default_steps: int = 28) -> EditRequestInfo:
             values[name] = struct.pack("<i", value)
         elif isinstance(value, str):
             values[name] = value.encode()
-    return _facts(values, default_steps)
+    return _facts(values, default_steps, pixels_per_token)
 
 
-def _facts(values: dict[str, bytes], default_steps: int) -> EditRequestInfo:
+def _facts(values: dict[str, bytes], default_steps: int, pixels_per_token: int) -> EditRequestInfo:
     action = (values.get("ACTION") or b"edit").decode(errors="replace") if "ACTION" in values else "edit"
     template = values.get("TEMPLATE_ID")
     template_id = template.decode(errors="replace") if template else None
     steps = values.get("STEPS")
     step_count = int(np.frombuffer(steps, "<i4")[0]) if isinstance(steps, bytes) and len(steps) >= 4 else default_steps
     mask = values.get("MASK")
-    tokens = _mask_tokens(mask) if isinstance(mask, bytes) else 0
+    tokens = _mask_tokens(mask, pixels_per_token) if isinstance(mask, bytes) else 0
     if action == "register" or (template_id is None and values.get("IMAGE")):
         image = values.get("IMAGE")
-        tokens = _image_tokens(image) if isinstance(image, bytes) else tokens
+        tokens = _image_tokens(image, pixels_per_token) if isinstance(image, bytes) else tokens
     steps = max(step_count, 1)
     return EditRequestInfo(action, template_id, RequestCost(float(max(tokens, 1) * steps), template_id, steps))
 
@@ -116,21 +120,13 @@ def _decode(data: bytes) -> Image.Image | None:
         return None
 
 
-def _mask_tokens(data: bytes) -> int:
+def _mask_tokens(data: bytes, pixels_per_token: int) -> int:
     image = _decode(data)
     if image is None:
         return 0
-    mask = np.asarray(image.convert("L")) > 127
-    rows, cols = mask.shape[0] // PIXELS_PER_TOKEN, mask.shape[1] // PIXELS_PER_TOKEN
-    if rows == 0 or cols == 0:
-        return 0
-    cells = mask[: rows * PIXELS_PER_TOKEN, : cols * PIXELS_PER_TOKEN]
-    return int(cells.reshape(rows, PIXELS_PER_TOKEN, cols, PIXELS_PER_TOKEN).any(axis=(1, 3)).sum())
+    return mask_token_count(np.asarray(image.convert("L")) > 127, pixels_per_token)
 
 
-def _image_tokens(data: bytes) -> int:
+def _image_tokens(data: bytes, pixels_per_token: int) -> int:
     image = _decode(data)
-    if image is None:
-        return 0
-    width, height = image.size
-    return (width // PIXELS_PER_TOKEN) * (height // PIXELS_PER_TOKEN)
+    return 0 if image is None else image_token_count(*image.size, pixels_per_token)

@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Callable, Iterable
 
+from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, parse_samples
+
 from .instances import Instance, InstancePool
 
 __all__ = ["Scraper", "parse_metrics", "SCRAPED_SERIES"]
@@ -31,6 +33,7 @@ SCRAPED_SERIES = (
     "instgenie_step_duration_seconds_sum",
     "instgenie_computed_row_tokens_total",
     "instgenie_text_tokens",
+    PIXELS_PER_TOKEN_METRIC,
     "instgenie_request_steps_total",
     "instgenie_cache_host_bytes",
     "instgenie_gpu_utilization_ratio",
@@ -42,16 +45,9 @@ def parse_metrics(text: str, names: Iterable[str] = SCRAPED_SERIES) -> dict[str,
     """Sum of each series in Prometheus text format, over all its label sets."""
     wanted = set(names)
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name = head.split("{", 1)[0]
-        if name in wanted:
-            try:
-                values[name] = values.get(name, 0.0) + float(value)
-            except ValueError:
-                continue
+    for sample in parse_samples(text):
+        if sample.name in wanted:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
 

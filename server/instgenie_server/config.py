@@ -70,9 +70,7 @@ class ModelParameters:
 
     @property
     def limits(self) -> EngineLimits:
-        return EngineLimits(
-            max_pixels=self.max_pixels, max_steps=self.max_steps, template_budget_bytes=self.cache_budget_bytes or None
-        )
+        return EngineLimits(max_pixels=self.max_pixels, max_steps=self.max_steps)
 
     @property
     def cache(self) -> dict[str, Any]:

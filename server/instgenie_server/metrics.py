@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from instgenie.step_loop import LoopLoad, LoopObserver
+from instgenie_protocol import PIXELS_PER_TOKEN_METRIC
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,12 @@ class TritonLoopMetrics(LoopObserver):
     """A :class:`~instgenie.step_loop.LoopObserver` writing Triton custom metrics."""
 
     def __init__(
-        self, pb_utils: Any, labels: dict[str, str], text_tokens: int | None = None, restarts: int = 0
+        self,
+        pb_utils: Any,
+        labels: dict[str, str],
+        text_tokens: int | None = None,
+        pixels_per_token: int | None = None,
+        restarts: int = 0,
     ) -> None:
         self._pb = pb_utils
         self._labels = dict(labels)
@@ -101,6 +107,11 @@ class TritonLoopMetrics(LoopObserver):
                 "instgenie_text_tokens", "Text tokens each request row computes besides its masked image tokens", kinds.GAUGE
             )
             self._text_tokens.set(float(text_tokens))
+        if pixels_per_token is not None:  # the token grid, so the router counts a mask's tokens as we do
+            self._pixels_per_token = self._metric(
+                PIXELS_PER_TOKEN_METRIC, "Pixels along one side of a latent token's square (the token grid)", kinds.GAUGE
+            )
+            self._pixels_per_token.set(float(pixels_per_token))
         self._row_tokens = self._metric("instgenie_computed_row_tokens_total", "Row-tokens computed by all steps", kinds.COUNTER)
         self._request_steps = self._metric(
             "instgenie_request_steps_total", "Requests stepped, summed over steps (batch sizes)", kinds.COUNTER

@@ -10,7 +10,7 @@ import numpy as np
 
 from instgenie.errors import InstGenIEError
 from instgenie.step_loop import JobOutcome
-from instgenie_client.protocol import error_code, error_message
+from instgenie_protocol import error_code, error_message
 
 from .tensors import outcome_outputs, progress_outputs
 
@@ -21,7 +21,7 @@ def triton_error(pb_utils: Any, request_id: str, error: InstGenIEError) -> Any:
 
 
 def triton_error_from_text(pb_utils: Any, text: str, reason: str) -> Any:
-    """A ``pb_utils.TritonError`` with the status :func:`~instgenie_client.protocol.error_code` gives ``reason``."""
+    """A ``pb_utils.TritonError`` with the status :func:`~instgenie_protocol.error_code` gives ``reason``."""
     code = getattr(pb_utils.TritonError, error_code(reason), pb_utils.TritonError.INTERNAL)
     return pb_utils.TritonError(text, code)
 

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from .launcher import ServerStartError, TritonServer, gauge_sum
+from instgenie_protocol import sample_sum
+
+from .server_process import ServerStartError, TritonServer
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +76,8 @@ class StallWatch:
     def observe(self, metrics_text: str) -> str | None:
         """Feed one metrics page; a description of the stall if the loop is wedged, else ``None``."""
         now = self._clock()
-        active = gauge_sum(metrics_text, _ACTIVE)
-        steps = gauge_sum(metrics_text, _STEPS)
+        active = sample_sum(metrics_text, _ACTIVE)
+        steps = sample_sum(metrics_text, _STEPS)
         if active == 0 or steps != self._steps:
             self._steps, self._since = steps, now
             return None
@@ -130,7 +132,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Watch until recovery fails (returns 1); a stop signal ends it by raising."""
-        self.watch()
+        if self.health is Health.STARTING:
+            self.watch()
         while True:
             time.sleep(self.config.poll_interval_s)
             fault = self.fault()

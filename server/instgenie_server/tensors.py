@@ -16,7 +16,7 @@ import numpy as np
 
 from instgenie.errors import InvalidInput
 from instgenie.step_loop import EditRequest, JobOutcome
-from instgenie_client.protocol import ACTIONS, INPUTS
+from instgenie_protocol import ACTIONS, INPUTS
 
 # Triton datatype -> numpy kinds accepted for it
 _KINDS = {"BYTES": "OSU", "INT64": "iu", "INT32": "iu", "FP32": "f", "BOOL": "b"}
@@ -75,7 +75,7 @@ def _blob(get: Getter, name: str) -> bytes | None:
 
 
 def parse_request(get: Getter, request_id: str) -> ParsedRequest:
-    """Read the protocol's inputs (see :mod:`instgenie_client.protocol`) from ``get(name)``."""
+    """Read the protocol's inputs (see :mod:`instgenie_protocol.names`) from ``get(name)``."""
     action = (_text(get, "ACTION") or "edit").strip().lower()
     if action not in ACTIONS:
         raise InvalidInput(f"ACTION must be one of {', '.join(ACTIONS)}, got {action!r}")

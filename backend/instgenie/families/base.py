@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attention import TokenBatch
+from ..attention import TokenBatch, uninstall
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,11 @@ class Family(ABC):
     @abstractmethod
     def install_processors(self) -> int:
         """Install masked attention processors (and hooks); return the number of sites."""
+
+    def uninstall(self) -> None:
+        """Hand the pipeline back untouched: stock attention processors, no InstGenIE hooks
+        (every adapter sharing the pipeline stops working)."""
+        uninstall(self.transformer)
 
     @property
     @abstractmethod

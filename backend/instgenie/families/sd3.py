@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint import retrieve_timesteps
 from PIL import Image
 
-from ..attention import MaskedJointAttnProcessor, TokenBatch, install_block_hooks, install_masked_processors
+from ..attention import HOOK_PREFIX, MaskedJointAttnProcessor, TokenBatch, install_block_hooks, install_hook, install_masked_processors
 from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 
 
@@ -36,35 +37,21 @@ class SD3InpaintFamily(Family):
     def install_processors(self) -> int:
         # One pair of hooks per transformer, dispatching to the adapter that is predicting
         # (several adapters may share one pipeline; stock calls have none and pass through).
-        transformer = self.transformer
-        if not hasattr(transformer, "_instgenie_hooks"):
-            transformer._instgenie_predicting = None
-
-            def keep(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-                owner = transformer._instgenie_predicting
-                return None if owner is None else owner._keep_computed_tokens(module, args, output)
-
-            def capture(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-                owner = transformer._instgenie_predicting
-                return None if owner is None else owner._capture_output(module, args, output)
-
-            transformer._instgenie_hooks = (
-                transformer.pos_embed.register_forward_hook(keep),
-                transformer.proj_out.register_forward_hook(capture),
-            )
+        self._keep = install_hook(self.transformer.pos_embed, _KEEP_HOOK, _PredictingAdapterHook("_keep_computed_tokens"))
+        self._capture = install_hook(self.transformer.proj_out, _CAPTURE_HOOK, _PredictingAdapterHook("_capture_output"))
         install_block_hooks(self.blocks)
-        return install_masked_processors(transformer, MaskedJointAttnProcessor)
+        return install_masked_processors(self.transformer, MaskedJointAttnProcessor)
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
         return list(self.transformer.transformer_blocks)
 
-    def _keep_computed_tokens(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+    def _keep_computed_tokens(self, output: torch.Tensor) -> torch.Tensor | None:
         if self._active is None:
             return None
         return self._active.gather(output)
 
-    def _capture_output(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+    def _capture_output(self, output: torch.Tensor) -> torch.Tensor | None:
         batch = self._active
         if batch is None:
             return None
@@ -165,7 +152,7 @@ class SD3InpaintFamily(Family):
             tokens = full.scatter(1, index, tokens)
         spatial = self.to_spatial(tokens, inputs.grid)
         self._active = batch
-        self.transformer._instgenie_predicting = self
+        self._keep.adapter = self._capture.adapter = self
         try:
             with torch.no_grad():
                 self.transformer(
@@ -179,7 +166,7 @@ class SD3InpaintFamily(Family):
             assert self._captured is not None
             return self._captured
         finally:
-            self.transformer._instgenie_predicting = None
+            self._keep.adapter = self._capture.adapter = None
             self._active = None
             self._captured = None
 
@@ -190,3 +177,23 @@ class SD3InpaintFamily(Family):
         with torch.no_grad():
             decoded = vae.decode(spatial.to(vae.dtype), return_dict=False)[0]
         return self.postprocess(decoded)
+
+
+_KEEP_HOOK = HOOK_PREFIX + "sd3_keep_computed_tokens"
+_CAPTURE_HOOK = HOOK_PREFIX + "sd3_capture_output"
+
+
+class _PredictingAdapterHook(ModelHook):
+    """Hands a module's output to the adapter that is predicting, by method name (the
+    hook is shared by every adapter of one pipeline); ``None`` from it keeps the output."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+        self.adapter: SD3InpaintFamily | None = None
+
+    def post_forward(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        if self.adapter is None:
+            return output
+        replaced = getattr(self.adapter, self.method)(output)
+        return output if replaced is None else replaced

@@ -13,7 +13,7 @@ from instgenie.lifetime import exit_with_parent
 from instgenie.step_loop import StepLoop
 from instgenie.scheduler import FcfsScheduler
 from instgenie_server.config import ModelParameters
-from instgenie_server.launcher import SHM_PREFIX_VARIABLE
+from instgenie_server.leftovers import SHM_PREFIX_VARIABLE
 from instgenie_server.supervisor import RESTARTS_VARIABLE
 from instgenie_server.metrics import CacheMetrics, GpuMetrics, TritonLoopMetrics
 from instgenie_server.responses import TritonJobSink
@@ -51,7 +51,11 @@ class TritonPythonModel:
             )
         labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
         self.metrics = TritonLoopMetrics(
-            pb_utils, labels, text_tokens=self.params.max_sequence_length, restarts=int(os.environ.get(RESTARTS_VARIABLE, "0"))
+            pb_utils,
+            labels,
+            text_tokens=self.params.max_sequence_length,
+            pixels_per_token=self.engine.family.pixels_per_token,
+            restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
         )
         self.cache_metrics = CacheMetrics(pb_utils, labels, self.engine.store)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None

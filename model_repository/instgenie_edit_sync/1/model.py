@@ -5,7 +5,7 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from instgenie_client.protocol import OUTPUTS, ServerError
+from instgenie_protocol import OUTPUTS, ServerError
 from instgenie_server.responses import triton_error_from_text
 
 

@@ -1,4 +1,4 @@
-"""The wire protocol of the ``instgenie_edit`` Triton model, shared by server and clients.
+"""Models and tensors of the ``instgenie_edit`` Triton model.
 
 One request is one job. All tensors are one-element (``dims: [1]``, no batch
 dimension); every input but the ones an action needs is optional.
@@ -26,31 +26,10 @@ Outputs
                       ``STEP``/``TOTAL_STEPS``, ``COMPUTED_TOKENS``, ``NUM_TOKENS``,
                       ``REQUEST_ID``
   errors:             a Triton error response whose message reads
-                      ``[request <id>] <reason>: <what to change>``
+                      ``[request <id>] <reason>: <what to change>`` (:mod:`.errors`)
 """
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
-
-# The template-id form is the engine's (one definition); that module imports no torch.
-from instgenie.template_ids import check_template_id, is_template_id
-
-__all__ = [
-    "ACTIONS",
-    "BASELINE_MODEL",
-    "EDIT_MODEL",
-    "ERROR_CODES",
-    "INPUTS",
-    "OUTPUTS",
-    "SYNC_MODEL",
-    "ServerError",
-    "check_template_id",
-    "error_code",
-    "error_message",
-    "is_template_id",
-]
 
 EDIT_MODEL = "instgenie_edit"
 SYNC_MODEL = "instgenie_edit_sync"
@@ -83,49 +62,3 @@ OUTPUTS: dict[str, str] = {
     "NUM_TOKENS": "INT32",
     "REQUEST_ID": "BYTES",
 }
-
-#: Error reason -> the Triton status it is answered with (``pb_utils.TritonError`` code
-#: name; Triton's HTTP front answers INVALID_ARG 400, UNAVAILABLE 503, INTERNAL 500).
-#: Reasons not listed are the client's mistakes: INVALID_ARG.
-ERROR_CODES: dict[str, str] = {
-    "queue_full": "UNAVAILABLE",
-    "shutting_down": "UNAVAILABLE",
-    "unavailable": "UNAVAILABLE",
-    "cache_corrupt": "UNAVAILABLE",  # being recorded again: retry shortly
-    "cache_write_failed": "INTERNAL",
-    "cancelled": "CANCELLED",
-    "internal": "INTERNAL",
-    "server_error": "INTERNAL",  # an error text not in our format
-}
-
-
-def error_code(reason: str) -> str:
-    """The Triton status code name of an error ``reason`` (see :data:`ERROR_CODES`)."""
-    return ERROR_CODES.get(reason, "INVALID_ARG")
-
-
-_ERROR = re.compile(r"\[request (?P<request_id>[^\]]*)\] (?P<reason>[a-z_]+): (?P<message>.*)", re.S)
-
-
-def error_message(request_id: str, reason: str, message: str) -> str:
-    """The text of an error response: tritonclient keeps only the message, so it carries the id."""
-    return f"[request {request_id}] {reason}: {message}"
-
-
-@dataclass(frozen=True)
-class ServerError:
-    """An error response as a client sees it."""
-
-    request_id: str
-    reason: str
-    message: str
-
-    @classmethod
-    def parse(cls, text: str) -> "ServerError":
-        match = _ERROR.search(text)
-        if match is None:
-            return cls(request_id="", reason="server_error", message=text)
-        return cls(**match.groupdict())
-
-    def __str__(self) -> str:
-        return error_message(self.request_id, self.reason, self.message)

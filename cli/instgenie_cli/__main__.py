@@ -1,0 +1,5 @@
+import sys
+
+from instgenie_cli import main
+
+sys.exit(main())
