@@ -481,8 +481,7 @@ class Engine:
         return call_inputs(self.family, self.device, active, full_blocks)
 
 
-    @staticmethod
-    def _advance(state: RequestState, prediction: torch.Tensor) -> None:
+    def _advance(self, state: RequestState, prediction: torch.Tensor) -> None:
         """The pipeline's per-step update on the state's own scheduler and tokens."""
         t = state.timesteps[state.step_index]
         inputs = state.inputs
@@ -497,6 +496,8 @@ class Engine:
         if state.kv is not None:
             state.kv.advance(state.step_index)
         state.step_index += 1
+        if state.done:  # the last step read its cache: unpin it now, before the decode
+            self.release(state)
 
     # -- finishing ---------------------------------------------------------------
     def final_latents(self, state: RequestState) -> torch.Tensor | None:
@@ -531,8 +532,9 @@ class Engine:
         self.add_template(template, state.recording)
         return template
 
-    # -- a request's cache: opened by prepare, advanced by step, waited for and
-    # released by whoever drives the steps (the step loop, or run/edit here) -------
+    # -- a request's cache: opened by prepare, waited for before a step, advanced by
+    # step and released by its last step; a request that leaves early (cancelled,
+    # failed) is released by whoever drives the steps (the step loop) --------------
     def wait_for_caches(self, states: Sequence[RequestState]) -> list[tuple[RequestState, InstGenIEError]]:
         """Wait until each state's cache of its current step is loaded; the states whose
         cache cannot be read, with why (``CacheCorrupt``, ``UnknownTemplate``, ...)."""
