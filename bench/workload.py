@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from instgenie_protocol import DEFAULT_PIXELS_PER_TOKEN, sample_sum
+from instgenie_protocol import BASELINE_MODEL, DEFAULT_PIXELS_PER_TOKEN, sample_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "bench" / "data" / "mask_ratios.csv"
@@ -266,7 +266,7 @@ class Caller:
         try:
             record.sent_s = time.monotonic()
             result = client.infer(
-                "diffusers_baseline", inputs, request_id=f"bench-{record.rate:.3f}-{request.index}", client_timeout=self.timeout_s
+                BASELINE_MODEL, inputs, request_id=f"bench-{record.rate:.3f}-{request.index}", client_timeout=self.timeout_s
             )
             record.done_s = time.monotonic()
         finally:
@@ -342,8 +342,8 @@ def metric_snapshot(url: str) -> dict[str, float]:
         "steps": sample_sum(text, "instgenie_steps_total"),
         "step_seconds": sample_sum(text, "instgenie_step_duration_seconds_sum"),
         "row_tokens": sample_sum(text, "instgenie_computed_row_tokens_total"),
-        "baseline_requests": sample_sum(text, "nv_inference_count", model="diffusers_baseline"),
-        "baseline_executions": sample_sum(text, "nv_inference_exec_count", model="diffusers_baseline"),
+        "baseline_requests": sample_sum(text, "nv_inference_count", model=BASELINE_MODEL),
+        "baseline_executions": sample_sum(text, "nv_inference_exec_count", model=BASELINE_MODEL),
     }
 
 

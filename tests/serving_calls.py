@@ -7,7 +7,6 @@ shapes, missing inputs), so they build requests with tritonclient directly.
 from __future__ import annotations
 
 import queue
-import re
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from instgenie_protocol import INPUTS, ServerError
+from instgenie_protocol import INPUTS, ServerError, sample_sum
 
 _NUMPY = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
 
@@ -98,25 +97,11 @@ class Stream:
         self.client.close()
 
 
-def metrics(url: str) -> dict[str, float]:
-    """``{series with labels: value}`` of the instgenie_* metrics."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("instgenie_"):
-            series, value = line.rsplit(" ", 1)
-            values[series] = float(value)
-    return values
+def metrics(url: str) -> str:
+    """The Prometheus text of a metrics page."""
+    return urllib.request.urlopen(url, timeout=10).read().decode()
 
 
-def metric(values: dict[str, float], name: str, **labels: str) -> float:
+def metric(text: str, name: str, **labels: str) -> float:
     """Sum of ``name`` over series whose labels include ``labels``."""
-    total = 0.0
-    for series, value in values.items():
-        base, _, rest = series.partition("{")
-        if base != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += value
-    return total
+    return sample_sum(text, name, **labels)

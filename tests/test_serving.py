@@ -294,19 +294,20 @@ def test_metrics_are_labelled_and_move(triton_server, url: str, templates: dict[
                  "instgenie_request_steps_total"):
         assert metric(after, name, **labels) > metric(before, name, **labels), name
     assert metric(after, "instgenie_text_tokens", **labels) == TEXT_LEN  # the router adds these to every request's cost
+    assert metric(after, "instgenie_pixels_per_token", **labels) == 16  # the token grid the router counts masks on
     assert metric(after, "instgenie_template_cache_lookups_total", result="hit") > metric(before, "instgenie_template_cache_lookups_total", result="hit")
     assert metric(after, "instgenie_template_cache_lookups_total", result="miss") > metric(before, "instgenie_template_cache_lookups_total", result="miss")
     assert metric(after, "instgenie_errors_total", reason="unknown_template") >= 1
     for gauge in ("instgenie_active_requests", "instgenie_waiting_requests", "instgenie_masked_tokens", "instgenie_outstanding_token_steps"):
-        assert any(series.startswith(gauge + "{") for series in after), gauge
-    assert not any(series.startswith("instgenie_gpu_") for series in after)  # CPU: absent, not failing
+        assert any(series.startswith(gauge + "{") for series in after.splitlines()), gauge
+    assert not any(series.startswith("instgenie_gpu_") for series in after.splitlines())  # CPU: absent, not failing
     time.sleep(1.5)  # the cache series are mirrored from the store once a second
     cache = metrics(triton_server.metrics_url)
     assert metric(cache, "instgenie_cache_step_hits_total", **labels) > 0
     assert metric(cache, "instgenie_cache_written_bytes_total", **labels) > 0
     assert metric(cache, "instgenie_cache_host_bytes", **labels) > 0
     for name in ("instgenie_cache_load_stall_seconds_total", "instgenie_cache_evictions_total", "instgenie_cache_corrupt_total"):
-        assert any(series.startswith(name + "{") for series in cache), name
+        assert any(series.startswith(name + "{") for series in cache.splitlines()), name
 
 
 def test_metrics_see_work_in_flight(triton_server, url: str, templates: dict[str, str]) -> None:

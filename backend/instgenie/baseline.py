@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from . import attention
-from .engine import EngineLimits, request_settings
+from .settings import EngineLimits, request_settings
 from .errors import InstGenIEError, InternalError, InvalidInput
 from .families import Family, GenerationSettings
 from .imaging import decode_image, decode_mask, encode_png

@@ -18,7 +18,7 @@ from .errors import InvalidInput
 from .families import Family, ModelInputs
 
 if TYPE_CHECKING:
-    from .engine import RequestState
+    from .states import RequestState
 
 __all__ = ["call_inputs"]
 

@@ -14,11 +14,8 @@ that recording.
 
 from __future__ import annotations
 
-import enum
 import logging
-import math
 import uuid
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -28,138 +25,22 @@ from PIL import Image
 from . import masking
 from .activations import TemplateActivations
 from .batching import call_inputs
-from .cache import ActivationStore, TemplateCache
+from .cache import ActivationStore
 from .cache.planner import CostModel
 from .codec import Codec, LocalCodec
-from .errors import InstGenIEError, InvalidInput, TemplateMismatch
-from .families import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
-from .imaging import DEFAULT_MAX_PIXELS, ImageInput, check_grid, decode_image, decode_mask, encode_png
+from .errors import InstGenIEError, InvalidInput
+from .families import Family, GenerationSettings, ModelInputs
+from .imaging import ImageInput, decode_image, decode_mask, encode_png
 from .loading import load_pipeline
 from .scheduler import FcfsScheduler, Scheduler
+from .settings import EngineLimits, request_settings, template_settings
+from .states import EditResult, RequestKind, RequestState
 from .templates import TemplateRecord, TemplateRegistry, TemplateSpec
 from .templates import template_id as hash_template_id
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class EngineLimits:
-    """Bounds on what one request may ask for."""
-
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_steps: int = 100
-    max_guidance: float = 100.0
-
-
-class RequestKind(enum.Enum):
-    EDIT = "edit"
-    RECORD = "record"
-
-
-
-
-@dataclass
-class RequestState:
-    """One request between ``prepare`` and ``finish``; advanced in place by ``step``."""
-
-    request_id: str
-    kind: RequestKind
-    settings: GenerationSettings
-    prompt: str
-    image: Image.Image
-    pixel_mask: np.ndarray
-    num_tokens: int  # N, image tokens of the full grid
-    token_index: torch.Tensor  # int64 [M]: the tokens this request computes
-    inputs: LatentInputs  # restricted to token_index
-    text: TextEmbeddings
-    scheduler: Any
-    timesteps: torch.Tensor
-    template: TemplateRecord | None = None  # read K/V of uncomputed tokens from its cache
-    kv: TemplateCache | None = None  # this request's handle on that cache (fetches ahead)
-    template_id: str | None = None  # the template the request edits, cached or not
-    recording: TemplateActivations | None = None  # record K/V here (RECORD requests)
-    full_inputs: LatentInputs | None = None  # full-grid inputs (RECORD requests, template edits)
-    full_blocks: int = 0  # leading blocks that compute every token instead of loading (planned)
-    step_index: int = 0
-
-    @property
-    def total_steps(self) -> int:
-        return int(len(self.timesteps))
-
-    @property
-    def done(self) -> bool:
-        return self.step_index >= self.total_steps
-
-    @property
-    def computed_tokens(self) -> int:
-        return int(self.token_index.numel())
-
-    @property
-    def rows(self) -> int:
-        return self.text.rows
-
-    @property
-    def grid_key(self) -> tuple[int, int]:
-        """(width, height): states of one resolution can share a transformer call."""
-        return self.settings.width, self.settings.height
-
-    @property
-    def remaining_token_steps(self) -> int:
-        """Row-tokens still to compute: the request's share of the remaining work."""
-        return self.rows * self.computed_tokens * (self.total_steps - self.step_index)
-
-
-@dataclass
-class EditResult:
-    image: Image.Image
-    png: bytes  # ``image`` as PNG, encoded where the codec decoded it
-    latents: torch.Tensor | None  # [1, N, C] final latents of the full grid; None if nothing was denoised
-    request_id: str
-    computed_tokens: int
-    num_tokens: int
-    template_id: str | None
-
-
-def request_settings(
-    family: Family | type[Family],
-    limits: EngineLimits,
-    max_sequence_length: int,
-    image: Image.Image,
-    seed: int | None,
-    steps: int | None,
-    guidance: float | None,
-) -> GenerationSettings:
-    """Validated settings of a request on ``image``, with the family's defaults filled in.
-
-    Module-level so that the diffusers baseline validates exactly like the engine.
-    """
-    check_grid(image.width, image.height, family.pixels_per_token)
-    steps = family.default_steps if steps is None else steps
-    guidance = family.default_guidance if guidance is None else guidance
-    seed = 0 if seed is None else seed
-    check_numbers(limits, steps, guidance, seed)
-    return GenerationSettings(
-        width=image.width,
-        height=image.height,
-        steps=steps,
-        guidance=float(guidance),
-        seed=seed,
-        max_sequence_length=max_sequence_length,
-    )
-
-
-def check_numbers(limits: EngineLimits, steps: int | None, guidance: float | None, seed: int | None) -> None:
-    """Type and range checks of the numeric request fields that are given."""
-    if steps is not None and (
-        isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limits.max_steps
-    ):
-        raise InvalidInput(f"steps must be an integer in [1, {limits.max_steps}], got {steps!r}")
-    if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise InvalidInput(f"guidance must be a finite number, got {guidance!r}")
-        if not 0 <= guidance <= limits.max_guidance:
-            raise InvalidInput(f"guidance must be in [0, {limits.max_guidance}], got {guidance}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise InvalidInput(f"seed must be a non-negative 64-bit integer, got {seed!r}")
+__all__ = ["EditResult", "Engine", "EngineLimits", "RequestKind", "RequestState", "TemplateRecord", "TemplateSpec"]
 
 
 class Engine:
@@ -263,38 +144,12 @@ class Engine:
     ) -> GenerationSettings:
         return request_settings(self.family, self.limits, self.max_sequence_length, image, seed, steps, guidance)
 
-    def _check_numbers(self, steps: int | None, guidance: float | None, seed: int | None) -> None:
-        check_numbers(self.limits, steps, guidance, seed)
-
     def _template_settings(
         self, record: TemplateRecord, seed: int | None, steps: int | None, guidance: float | None
     ) -> GenerationSettings:
-        self._check_numbers(steps, guidance, seed)
-        settings = record.settings
-        if record.model_fingerprint != self.model_fingerprint:
-            raise TemplateMismatch(
-                f"template {record.template_id} was recorded with model {record.model_fingerprint}, "
-                f"this engine serves {self.model_fingerprint}; register it again"
-            )
-        if steps is not None and steps != settings.steps:
-            raise TemplateMismatch(
-                f"template {record.template_id} was recorded with {settings.steps} steps, the edit asks for {steps}"
-            )
-        if guidance is not None and float(guidance) != settings.guidance:
-            raise TemplateMismatch(
-                f"template {record.template_id} was recorded with guidance {settings.guidance}, "
-                f"the edit asks for {guidance}"
-            )
-        if settings.max_sequence_length != self.max_sequence_length:
-            raise TemplateMismatch(f"template {record.template_id} was recorded with another text length")
-        if seed is not None and seed != settings.seed:
-            if self.family.seed_must_match:
-                raise TemplateMismatch(
-                    f"template {record.template_id} was recorded with seed {settings.seed}; this pipeline blends "
-                    f"the noised original back in, so edits must use the same seed (got {seed})"
-                )
-            return self._settings(record.image, seed, settings.steps, settings.guidance)
-        return settings
+        return template_settings(
+            self.family, self.limits, self.max_sequence_length, self.model_fingerprint, record, seed, steps, guidance
+        )
 
     def _start(
         self,
@@ -599,4 +454,3 @@ class Engine:
             return self.finish_edit(state)
         finally:
             self.release(state)
-

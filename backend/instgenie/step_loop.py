@@ -27,30 +27,16 @@ from typing import Callable, Protocol
 
 import torch
 
-from .engine import Engine, RequestState
+from .engine import Engine
+from .states import RequestState
 from .errors import CacheCorrupt, Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
+from .requests import EditRequest
 from .scheduler import FcfsScheduler, Scheduler
 from .templates import TemplateSpec
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("edit", "register")
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """A decoded client request: an edit, or the registration of a template."""
-
-    request_id: str
-    action: str = "edit"
-    prompt: str = ""
-    mask: bytes | None = None  # edit region (register: the template's own region, optional)
-    image: bytes | None = None  # template image to register, or a raw image to edit
-    template_id: str | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    full_compute: bool = False
 
 
 @dataclass(frozen=True)
@@ -397,7 +383,7 @@ class StepLoop:
             self._drop_cancelled(waiting)
             with self._cond:
                 ready = self._queues.ready
-                picks = self.scheduler.admit([j.state for j in self._active], [j.state for j in ready])  # type: ignore[misc]
+                picks = self.scheduler.admit(_states(self._active), _states(ready))
                 joining = [ready[i] for i in picks]
                 for job in joining:
                     ready.remove(job)
@@ -445,7 +431,7 @@ class StepLoop:
         if not batch:
             return
         started = self._clock()
-        calls = self.scheduler.calls([j.state for j in batch])  # type: ignore[misc]
+        calls = self.scheduler.calls(_states(batch))
         for call in calls:
             self._call([batch[i] for i in call])
         batch = list(self._active)  # without the requests whose state made a call fail
@@ -454,7 +440,7 @@ class StepLoop:
         now = self._clock()
         with self._cond:
             self._steps_done += 1
-        self.observer.step(now - started, len(batch), sum(j.state.rows * j.state.computed_tokens for j in batch))  # type: ignore[union-attr]
+        self.observer.step(now - started, len(batch), sum(s.rows * s.computed_tokens for s in _states(batch)))
         still: list[_Job] = []
         for job in batch:
             state = job.state
@@ -475,9 +461,9 @@ class StepLoop:
         """One batched transformer call; when it raises, the same step in halves, down to
         single requests, so that only a request whose own state raises fails (with its
         reason) and every other one still takes this step."""
-        steps_before = [job.state.step_index for job in jobs]  # type: ignore[union-attr]
+        steps_before = [state.step_index for state in _states(jobs)]
         try:
-            self.engine.step([job.state for job in jobs])  # type: ignore[misc]
+            self.engine.step(_states(jobs))
             return
         except Exception as error:  # keep serving: find the cause, fail only it
             if len(jobs) == 1:
@@ -489,11 +475,18 @@ class StepLoop:
             log.warning("a call of %d requests failed (%s: %s); stepping them in smaller calls",
                         len(jobs), type(error).__name__, error)  # fmt: skip
         # A call advances all of its states or none; the halves start from the same step.
-        left = [job for job, before in zip(jobs, steps_before) if job.state.step_index == before]  # type: ignore[union-attr]
+        left = [job for job, state, before in zip(jobs, _states(jobs), steps_before) if state.step_index == before]
         half = len(left) // 2
         for part in (left[:half], left[half:]) if half else (left,):
             if part:
                 self._call(part)
+
+
+def _states(jobs: list[_Job]) -> list[RequestState]:
+    """The states of prepared jobs (every job past preparation has one)."""
+    states = [job.state for job in jobs]
+    assert all(state is not None for state in states)
+    return states  # type: ignore[return-value]
 
 
 class _LogSink:

@@ -230,3 +230,19 @@ def request_inputs(
         "PROGRESS": True if progress else None,
     }
     return {name: value for name, value in values.items() if value is not None}
+
+
+def register_inputs(
+    image: ImageSource,
+    prompt: str,
+    *,
+    seed: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    mask: ImageSource | None = None,
+) -> dict[str, Any]:
+    """The inputs of a registration (every client's ``register_template``)."""
+    return request_inputs(
+        action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask,
+        progress=True,  # steps keep the stall clock from firing on a long recording
+    )  # fmt: skip

@@ -29,6 +29,7 @@ from . import (
     Progress,
     ResponseClock,
     new_request_id,
+    register_inputs,
     request_inputs,
 )
 from .grpc_client import infer_inputs, response_outputs, stream_error
@@ -71,10 +72,7 @@ class AsyncInstGenIEClient:
         request_id: str | None = None,
     ) -> str:
         """Register a template; returns its id (see the blocking client)."""
-        values = request_inputs(
-            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask,
-            progress=True,  # steps keep the stall clock from firing on a long recording
-        )  # fmt: skip
+        values = register_inputs(image, prompt, seed=seed, steps=steps, guidance=guidance, mask=mask)
         return str((await self._final(values, request_id or new_request_id()))["TEMPLATE"])
 
     async def list_templates(self) -> list[str]:

@@ -30,6 +30,7 @@ from . import (
     RequestTimeout,
     ResponseClock,
     new_request_id,
+    register_inputs,
     request_inputs,
 )
 from instgenie_protocol import EDIT_MODEL, INPUTS
@@ -283,10 +284,7 @@ class InstGenIEClient:
 
         Registration is idempotent: the same image, prompt, mask and settings give the same id.
         """
-        values = request_inputs(
-            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask,
-            progress=True,  # steps keep the stall clock from firing on a long recording
-        )  # fmt: skip
+        values = register_inputs(image, prompt, seed=seed, steps=steps, guidance=guidance, mask=mask)
         return str(self._start(values, request_id, None).outputs()["TEMPLATE"])
 
     def list_templates(self) -> list[str]:

@@ -29,6 +29,7 @@ from . import (
     Progress,
     ResponseClock,
     new_request_id,
+    register_inputs,
     request_inputs,
 )
 from instgenie_protocol import EDIT_MODEL
@@ -78,10 +79,7 @@ class SseInstGenIEClient:
         request_id: str | None = None,
     ) -> str:
         """Register a template; returns its id."""
-        values = request_inputs(
-            action="register", image=image, prompt=prompt, seed=seed, steps=steps, guidance=guidance, mask=mask,
-            progress=True,  # steps keep the stall clock from firing on a long recording
-        )  # fmt: skip
+        values = register_inputs(image, prompt, seed=seed, steps=steps, guidance=guidance, mask=mask)
         return str(self._call(values, request_id or new_request_id(), None)["TEMPLATE"])
 
     def list_templates(self) -> list[str]:

@@ -1,7 +1,7 @@
 """The wire between InstGenIE's processes: what server, clients and router agree on.
 
 One small layer above the engine and below everything that talks over the network:
-model and tensor names (:mod:`.names`), error reasons with their Triton and HTTP status
+model and tensor names (:mod:`.names`) and reading them (:mod:`.requests`), error reasons with their Triton and HTTP status
 codes and their message format (:mod:`.errors`), the template-id form
 (:mod:`.template_ids`), the latent-token cost of a mask (:mod:`.tokens`) and the
 Prometheus text the instances publish (:mod:`.prometheus`). It imports no torch, no
@@ -11,6 +11,7 @@ Triton and no gRPC, so a client or the router stays light.
 from .errors import ERROR_CODES, HTTP_STATUS, ServerError, error_code, error_message, http_status
 from .names import ACTIONS, BASELINE_MODEL, EDIT_MODEL, INPUTS, OUTPUTS, SYNC_MODEL
 from .prometheus import Sample, parse_samples, sample_sum
+from .requests import ParsedRequest, decode_blob, parse_request
 from .template_ids import check_template_id, is_template_id
 from .tokens import DEFAULT_PIXELS_PER_TOKEN, PIXELS_PER_TOKEN_METRIC, image_token_count, mask_token_count
 
@@ -23,17 +24,20 @@ __all__ = [
     "HTTP_STATUS",
     "INPUTS",
     "OUTPUTS",
+    "ParsedRequest",
     "PIXELS_PER_TOKEN_METRIC",
     "SYNC_MODEL",
     "Sample",
     "ServerError",
     "check_template_id",
+    "decode_blob",
     "error_code",
     "error_message",
     "http_status",
     "image_token_count",
     "is_template_id",
     "mask_token_count",
+    "parse_request",
     "parse_samples",
     "sample_sum",
 ]

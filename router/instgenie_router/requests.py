@@ -9,7 +9,6 @@ instances' own token grid), the unit of their load gauge.
 
 from __future__ import annotations
 
-import base64
 import io
 import struct
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from PIL import Image
 from instgenie_protocol import (
     DEFAULT_PIXELS_PER_TOKEN,
     check_template_id,
+    decode_blob,
     error_message,
     image_token_count,
     mask_token_count,
@@ -111,9 +111,7 @@ def _inputs(request: object) -> dict[str, bytes]:
 
 def _decode(data: bytes) -> Image.Image | None:
     try:
-        if data[:4] != b"\x89PNG" and data[:2] != b"\xff\xd8":  # base64 text (SSE/JSON clients)
-            data = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(decode_blob(data)))  # raw, or base64 text (SSE/JSON clients)
         image.load()
         return image
     except Exception:  # a bad image is the instance's to refuse, with its clear error

@@ -7,9 +7,10 @@ import triton_python_backend_utils as pb_utils
 
 from instgenie.baseline import BaselinePipeline
 from instgenie.errors import InstGenIEError, InvalidInput
+from instgenie_protocol import parse_request
 from instgenie_server.config import ModelParameters
 from instgenie_server.responses import response, triton_error
-from instgenie_server.tensors import outcome_outputs, parse_request
+from instgenie_server.tensors import outcome_outputs
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -10,14 +10,15 @@ from instgenie import Engine
 from instgenie.codec import ProcessCodec
 from instgenie.errors import InstGenIEError
 from instgenie.lifetime import exit_with_parent
-from instgenie.step_loop import StepLoop
 from instgenie.scheduler import FcfsScheduler
+from instgenie.step_loop import StepLoop
+from instgenie_protocol import parse_request
 from instgenie_server.config import ModelParameters
 from instgenie_server.leftovers import SHM_PREFIX_VARIABLE
-from instgenie_server.supervisor import RESTARTS_VARIABLE
 from instgenie_server.metrics import CacheMetrics, GpuMetrics, TritonLoopMetrics
 from instgenie_server.responses import TritonJobSink
-from instgenie_server.tensors import parse_request, template_list_outputs
+from instgenie_server.supervisor import RESTARTS_VARIABLE
+from instgenie_server.tensors import template_list_outputs
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
