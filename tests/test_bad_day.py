@@ -221,7 +221,13 @@ def test_a_killed_stub_fails_its_requests_at_once_and_the_instance_recovers(serv
         assert seconds < 5 and error.reason == "unavailable" and f"[request {job.request_id}]" in str(error), error
     recovery = _recovered(served, fault_at, long_template, restarts=1)
     text = served.output_text()
-    assert f"the Python backend stub of instgenie_edit (pid {stub}) died; restarting the server (restart 1)" in text
+    # Either the supervisor sees the stub gone, or tritonserver dies first: python_backend
+    # 24.10 aborts (an uncaught boost lock_exception in ResponseSendDecoupled) when a
+    # stub dies in the middle of sending a response. Either way: one restart, logged.
+    assert (
+        f"the Python backend stub of instgenie_edit (pid {stub}) died; restarting the server (restart 1)" in text
+        or "tritonserver exited with status -6; restarting the server (restart 1)" in text
+    ), text[-3000:]
     print(f"stub killed: requests failed after {max(s for s, _ in outcomes):.2f} s, ready again after {recovery:.1f} s")
 
 
@@ -424,7 +430,9 @@ def test_no_client_hangs_on_a_silent_server(model_dirs: dict[str, Path], tmp_pat
     from instgenie_router.service import Router, RouterConfig
     from instgenie_server.launcher import TritonServer, default_model_repository, models_with_parameter, render_repository
 
-    stall, router_timeout = 2.0, 10.0
+    # A request hears nothing until its first step: the stall timeout must cover the
+    # preparation of 6 requests at once on a busy 2-core machine (2 s did not, once).
+    stall, router_timeout = 5.0, 12.0
     source = default_model_repository()
     parameters = {"model_dir": str(model_dirs["flux-fill"]), "max_sequence_length": str(TEXT_LEN), "codec_nice": "0"}
     repository = render_repository(source, tmp_path / "models", dict.fromkeys(models_with_parameter(source, "model_dir"), parameters))
