@@ -124,9 +124,6 @@ class Engine:
     def has_template(self, template_id: str) -> bool:
         return self.templates.has(template_id)
 
-    def forget_template(self, template_id: str) -> TemplateRecord | None:
-        return self.templates.forget(template_id)
-
     def forget_template_for_recording(self, template_id: str) -> TemplateSpec | None:
         """Drop a template whose cache is corrupt; the spec to record it again (same id)
         from its record in memory, or ``None`` if there is none."""
