@@ -75,7 +75,7 @@ def timed_edit(engine: Engine, mask_png: bytes, template_id: str, full: bool, co
 def mode_sizes(base: Engine, folder: Path, steps: int, resolution: int) -> list[dict]:
     """K/V bytes per template for each storage mode (the template declares a 25% edit region)."""
     rows = []
-    region = mask(resolution, 0.25, offset=7)
+    region = mask(resolution, 0.25, 16, offset=7)
     for content in ("kv", "input"):
         for dtype in ("float32", "bfloat16"):
             for tokens in ("all", "unmasked"):
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
                ("host", "resident", kv, resident, False, []), ("host", "full", kv, resident, True, [])]  # fmt: skip
     rows = []
     for ratio in RATIOS:
-        mask_png = mask(args.resolution, ratio, offset=3)
+        mask_png = mask(args.resolution, ratio, 16, offset=3)
         for _, _, _, engine, full, cold in systems:  # warm-up
             timed_edit(engine, mask_png, template_id, full, cold)
         samples: dict[tuple[str, str], list[tuple[float, dict]]] = {(name, stored): [] for _, name, stored, *_ in systems}

@@ -1,13 +1,22 @@
-"""How much faster is a masked transformer step than a full one?
+"""How much faster is a masked denoiser step than a full one, and a whole edit than the stock pipeline?
 
-Measures, in one process with interleaved repeats, the transformer time of one
+Measures, in one process with interleaved repeats, the denoiser time of one
 denoising step on the masked path over the full path for several mask ratios, next
 to the FLOP fraction counted by ``torch.utils.flop_counter`` on the same calls, and
-one mixed batch of four masks against the four stepped alone. Writes JSON rows and a
-Markdown table (``docs/benchmarks/engine.md``).
+one mixed batch of four masks against the four stepped alone. With
+``--end-to-end RATIO`` it also times whole edits at that mask ratio (text encoding,
+VAE, steps, decode, paste): the masked edit, the engine's full computation and the
+stock diffusers pipeline call, interleaved. Writes JSON rows and a Markdown table
+(``docs/benchmarks/engine.md``, or ``engine-<family>.md`` for the other families).
 
     python bench/engine.py --family flux-fill --size small --resolution 1024 \\
         --mask-ratios 0.1,0.25,0.5,1.0 --json out/engine.json
+    python bench/engine.py --family sdxl-inpaint --size small --resolution 1024 \\
+        --mask-ratios 0.1,0.2,0.35,0.5,1.0 --end-to-end 0.2 --json out/engine-sdxl.json
+
+The rows' ``design`` says how the masked path computes: ``masked-attention`` (the DiT
+families: every block runs on the masked tokens) or ``b`` (the UNets: masked
+attention levels, dense ResNets).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from instgenie import Engine, RequestState
-from instgenie.tiny import make_model
+from instgenie.tiny import FAMILIES, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +56,7 @@ def template(resolution: int) -> bytes:
     return png(((np.stack(channels, -1) * 0.5 + 0.5) * 255).astype(np.uint8))
 
 
-def mask(resolution: int, ratio: float, token: int = 16, offset: int = 0) -> bytes:
+def mask(resolution: int, ratio: float, token: int, offset: int = 0) -> bytes:
     """A token-aligned rectangle covering ``ratio`` of the image's tokens."""
     cells = resolution // token
     area = max(1, round(ratio * cells * cells))
@@ -75,7 +84,7 @@ def flops(engine: Engine, states: list[RequestState]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="flux-fill", choices=("flux-fill", "flux-inpaint", "sd3-inpaint"))
+    parser.add_argument("--family", default="flux-fill", choices=FAMILIES)
     parser.add_argument("--size", default="small", choices=("tiny", "small"))
     parser.add_argument("--model", help="an existing pipeline folder instead of a generated one")
     parser.add_argument("--resolution", type=int, default=1024)
@@ -86,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--json", required=True, help="where to write the rows")
-    parser.add_argument("--markdown", default=str(ROOT / "docs/benchmarks/engine.md"))
+    parser.add_argument("--markdown", help="default: docs/benchmarks/engine.md (flux-fill) or engine-<family>.md")
+    parser.add_argument("--end-to-end", type=float, help="also time whole edits at this mask ratio against the stock pipeline")
+    parser.add_argument("--end-to-end-steps", type=int, default=8, help="denoising steps of those edits")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         record = engine.register_template(template(args.resolution), "a photo of a room", seed=0, steps=args.steps)
         print(f"template recorded: {record.activations.nbytes / 2**20:.0f} MiB of K/V for {args.steps} steps")
 
+        token = engine.family.pixels_per_token
+
         def edit(ratio: float, offset: int = 0, full: bool = False) -> RequestState:
             return engine.prepare_edit(
-                mask(args.resolution, ratio, offset=offset), "a red sofa", template_id=record.template_id, full_compute=full
+                mask(args.resolution, ratio, token, offset), "a red sofa", template_id=record.template_id, full_compute=full
             )
 
         full_state = edit(1.0, full=True)
@@ -120,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
                 samples[name].append(timed(lambda inputs=model_inputs: engine.family.predict(inputs)))
         median = {name: statistics.median(values) for name, values in samples.items()}
         full_flops = flops(engine, [full_state])
+        end_to_end = None
+        if args.end_to_end is not None:
+            end_to_end = time_end_to_end(engine, args, token)
 
+    design = "b" if engine.family.reads_every_token else "masked-attention"
     rows = []
     for r, state in masked_states.items():
         rows.append(
             {
+                "design": design,
                 "mask_ratio": r,
                 "token_ratio": state.computed_tokens / state.num_tokens,
                 "flop_fraction": flops(engine, [state]) / full_flops,
@@ -151,18 +169,20 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "device": "cpu",
     }
-    report = {"meta": meta, "rows": rows, "mixed_batch": mixed_row}
+    report = {"meta": meta, "rows": rows, "mixed_batch": mixed_row, "end_to_end": end_to_end}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
 
     table = [
-        "| mask ratio | computed tokens | FLOP fraction | time ratio (masked / full) |",
-        "|---:|---:|---:|---:|",
+        "| design | mask ratio | computed tokens | FLOP fraction | time ratio (masked / full) |",
+        "|---|---:|---:|---:|---:|",
     ]
     table += [
-        f"| {row['mask_ratio']:.2f} | {row['token_ratio']:.3f} | {row['flop_fraction']:.3f} | {row['time_ratio']:.3f} |"
+        f"| {row['design']} | {row['mask_ratio']:.2f} | {row['token_ratio']:.3f} | {row['flop_fraction']:.3f} "
+        f"| {row['time_ratio']:.3f} |"
         for row in rows
     ]
+    end_to_end_lines = [] if end_to_end is None else end_to_end_table(end_to_end)
     mixed_line = (
         f"Mixed batch of four masks {mixed} (computed tokens {mixed_row['computed_tokens']}, padded to "
         f"{mixed_row['padded_tokens']} per row): one batched step takes {mixed_row['batch_over_sum_alone']:.3f}x "
@@ -170,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(table))
     print(mixed_line)
+    print("\n".join(end_to_end_lines))
     markdown = [
         "# Engine: masked vs full transformer step",
         "",
@@ -183,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         mixed_line,
         "",
+        *end_to_end_lines,
         "Rows of one transformer call are padded to its longest row: diffusers' blocks take one "
         "`[B, L, C]` tensor with per-row adaLN modulation, so packing rows without padding would mean "
         "forking them. On a CPU batching saves no time per token, so a mixed batch costs its padded "
@@ -191,9 +213,69 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `python bench/engine.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
         "",
     ]
-    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.markdown).write_text("\n".join(markdown))
+    name = "engine.md" if args.family == "flux-fill" else f"engine-{args.family}.md"
+    markdown_path = Path(args.markdown or ROOT / "docs/benchmarks" / name)
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path.write_text("\n".join(markdown))
     return 0
+
+
+def time_end_to_end(engine: Engine, args: argparse.Namespace, token: int) -> dict:
+    """Whole edits at one mask ratio, interleaved: masked, the engine's full computation, stock diffusers."""
+    steps, ratio, resolution = args.end_to_end_steps, args.end_to_end, args.resolution
+    image_png, mask_png = template(resolution), mask(resolution, ratio, token, offset=1)
+    prompt = "a photo of a room"
+    record = engine.register_template(image_png, prompt, seed=0, steps=steps)
+    image = Image.open(io.BytesIO(image_png)).convert("RGB")
+    mask_image = Image.open(io.BytesIO(mask_png))
+    pipe = engine.family.pipe
+    stock_kwargs = {"max_sequence_length": args.text_len} if "max_sequence_length" in pipe.__call__.__code__.co_varnames else {}
+
+    def masked() -> object:
+        return engine.edit(mask_png, prompt, template_id=record.template_id)
+
+    def full() -> object:
+        return engine.edit(mask_png, prompt, template_id=record.template_id, full_compute=True)
+
+    def stock() -> object:
+        # strength 1.0: SDXL inpaint's default 0.9999 drops a step.
+        return pipe(
+            prompt=prompt, image=image, mask_image=mask_image, height=resolution, width=resolution,
+            num_inference_steps=steps, guidance_scale=record.settings.guidance, strength=1.0,
+            generator=torch.Generator().manual_seed(0), **stock_kwargs,
+        ).images[0]  # fmt: skip
+
+    variants = {"masked": masked, "full": full, "stock": stock}
+    for fn in variants.values():  # warm-up
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(max(1, args.repeats // 2)):
+        for name, fn in variants.items():
+            samples[name].append(timed(fn))
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    return {
+        "mask_ratio": ratio,
+        "steps": steps,
+        "repeats": len(samples["masked"]),
+        "stock_over_masked": median["stock"] / median["masked"],
+        "full_over_masked": median["full"] / median["masked"],
+        "full_over_stock": median["full"] / median["stock"],
+    }
+
+
+def end_to_end_table(result: dict) -> list[str]:
+    return [
+        f"Whole edits at mask ratio {result['mask_ratio']} ({result['steps']} steps, {result['repeats']} interleaved "
+        "repeats after a warm-up; text encoding, VAE, steps, decode and paste included):",
+        "",
+        "| speed-up of the masked edit over | ratio |",
+        "|---|---:|",
+        f"| the stock diffusers pipeline | {result['stock_over_masked']:.2f}x |",
+        f"| the engine's full computation | {result['full_over_masked']:.2f}x |",
+        "",
+        f"The engine's full computation takes {result['full_over_stock']:.3f}x the stock pipeline's time.",
+        "",
+    ]
 
 
 if __name__ == "__main__":

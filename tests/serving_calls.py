@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from instgenie_protocol import INPUTS, ServerError, sample_sum
 
@@ -105,3 +106,19 @@ def metrics(url: str) -> str:
 def metric(text: str, name: str, **labels: str) -> float:
     """Sum of ``name`` over series whose labels include ``labels``."""
     return sample_sum(text, name, **labels)
+
+
+def baseline_png(http_url: str, fields: dict, request_id: str) -> bytes:
+    """The ``diffusers_baseline`` model's PNG for an edit of a raw image, over plain HTTP infer."""
+    client = httpclient.InferenceServerClient(http_url)
+    try:
+        inputs = []
+        for name, value in fields.items():
+            datatype = INPUTS[name]
+            array = np.array([[value]], dtype=_NUMPY[datatype])
+            infer_input = httpclient.InferInput(name, [1, 1], datatype)
+            infer_input.set_data_from_numpy(array)
+            inputs.append(infer_input)
+        return client.infer("diffusers_baseline", inputs, request_id=request_id).as_numpy("EDITED_IMAGE")[0][0]
+    finally:
+        client.close()

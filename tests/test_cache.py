@@ -361,7 +361,7 @@ def test_corrupt_step_file_fails_the_edit_clearly_and_is_recorded_again(engines:
 # -- host->device staging -----------------------------------------------------------------
 def test_copy_stage_issues_each_site_one_ahead_and_holds_two_at_most() -> None:
     kv = {(row, site): (torch.full((4, 2), 10.0 * row + site), torch.full((4, 2), -1.0)) for row in (0, 1) for site in range(4)}
-    step = StepKV(kv, token_index=None)
+    step = StepKV(kv, kept=None)
     stage = CopyStage([step.row(0), None, step.row(1)], num_sites=4, first_site=1, device=torch.device("cpu"))
     assert stage.issued == [1]  # issued before the call's first (recomputed) block runs
     for site in (1, 2, 3):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SIZE, TEXT_LEN, engine_over, png, rect_mask, template_image
+from conftest import SIZE, TEXT_LEN, batched_tolerance, engine_over, png, rect_mask, template_image
 from instgenie import Engine
 from instgenie.cache import CacheMode
 from instgenie.cache.planner import CostModel, LinearCost
-from instgenie.families import GenerationSettings, SD3InpaintFamily
+from instgenie.families import GenerationSettings
 from instgenie.scheduler import FcfsScheduler
 
 STEPS = 3
@@ -40,11 +40,13 @@ def test_recomputing_the_first_blocks_instead_of_loading_is_bit_exact(engine: En
     """The loading planner's other choice: a step's first k blocks compute every token."""
     mask = png(rect_mask(ratio, seed=1))
     record = engine.register_template(png(template_image(1)), "a red hat", seed=7, steps=STEPS, mask=mask)
-    assert record.step_latents is not None and record.step_latents.shape[0] == STEPS
+    assert record.step_latents is not None
     full = engine.edit(mask, "a red hat", template_id=record.template_id, full_compute=True)
     blocks = len(engine.family.blocks)
     for full_blocks in sorted({1, blocks // 2, blocks}):
         state = engine.prepare_edit(mask, "a red hat", template_id=record.template_id)
+        # One recorded latent per denoiser call (PNDM calls the UNet once more than it has steps).
+        assert record.step_latents.shape[0] == state.total_steps >= STEPS
         while not state.done:
             engine.step([state], full_blocks=full_blocks)
         assert state.computed_tokens < state.num_tokens
@@ -93,23 +95,39 @@ def test_full_computation_matches_the_stock_diffusers_pipeline(engine: Engine) -
         output_type="latent",
         **extra,
     ).images
-    if isinstance(engine.family, SD3InpaintFamily):
+    if stock.ndim == 4:  # spatial latents (SD3, the UNets): the family's token layout
         stock = engine.family.to_tokens(stock)
     difference = (ours.latents - stock).abs().max().item()
     print(f"{type(engine.family).__name__}: max |engine full - stock pipeline| = {difference:.3g}")
     assert difference <= 1e-5
 
 
+def _cost_model_with_mixed_plans(engine: Engine, template_id: str, ratios: list[float]) -> CostModel:
+    compute = LinearCost(1e-4, 2e-6)
+    probes = [engine.prepare_edit(png(rect_mask(r)), "a hat", template_id=template_id) for r in ratios]
+    for probe in probes:
+        engine.release(probe)
+    blocks = len(engine.family.blocks)
+    block_s = compute(probes[0].rows * (probes[0].num_tokens + probes[0].text.prompt_embeds.shape[1]))
+    block_bytes = engine.template(template_id).cache_bytes / (probes[0].total_steps * blocks)
+    for factor in np.geomspace(0.1, 4.0, 60):
+        engine.costs = CostModel(block_compute=compute, load=LinearCost(0.0, factor * block_s / block_bytes))
+        plans = [engine._plan_full_blocks(probe) for probe in probes]
+        if len(set(plans)) > 1 and 0 < max(plans) < blocks:
+            return engine.costs
+    raise AssertionError("no load cost gives mask-dependent plans")
+
+
 @pytest.mark.parametrize("cache", ["kv", "input", "kv+planner"])
 def test_states_at_different_steps_batch_like_they_run_alone(engine: Engine, cache: str) -> None:
     engine = engine_over(engine, mode=CacheMode(content=cache.split("+")[0]))  # type: ignore[arg-type]
-    if cache.endswith("+planner"):
-        # Loads slower than compute: the planner recomputes leading blocks, a number
-        # that depends on each request's mask (so calls split by plan).
-        engine.costs = CostModel(block_compute=LinearCost(1e-4, 2e-6), load=LinearCost(0.0, 2e-9))
     first = engine.register_template(png(template_image(3)), "a cat", seed=1, steps=STEPS)
     second = engine.register_template(png(template_image(4)), "a dog", seed=1, steps=STEPS)
-
+    if cache.endswith("+planner"):
+        # A load cost under which the planner's recomputed prefix depends on each
+        # request's mask (so calls split by plan); where that threshold lies depends on
+        # the family's sizes, so it is searched for, in units of a full block's compute.
+        engine.costs = _cost_model_with_mixed_plans(engine, first.template_id, [0.1, 0.3, 0.5])
     def requests() -> list:
         return [
             engine.prepare_edit(png(rect_mask(0.1, seed=3)), "a hat", template_id=first.template_id),
@@ -131,12 +149,12 @@ def test_states_at_different_steps_batch_like_they_run_alone(engine: Engine, cac
     if cache.endswith("+planner"):
         planned = [s.full_blocks for s in together[:3]]
         assert len(set(planned)) > 1 and 0 < max(planned) < len(engine.family.blocks), planned
-    # Batched CPU kernels round differently from solo ones (~1e-6 per call); CFG
-    # multiplies that difference by its guidance scale (7 for SD3).
-    cfg_gain = together[0].settings.guidance if together[0].rows == 2 else 1.0
-    differences = [(engine.final_latents(a) - engine.final_latents(b)).abs().max().item() for a, b in zip(alone, together)]
-    print(f"{type(engine.family).__name__}: max |batched - alone| per request = {differences}")
-    assert max(differences) <= 1e-5 * cfg_gain
+    guidance = together[0].settings.guidance if together[0].rows == 2 else None
+    for a, b in zip(alone, together):
+        reference = engine.final_latents(a)
+        difference = (reference - engine.final_latents(b)).abs().max().item()
+        print(f"{type(engine.family).__name__}: max |batched - alone| = {difference:.3g}")
+        assert difference <= batched_tolerance(reference, guidance)
 
 
 def test_recording_alongside_edits_records_the_same_template(engine: Engine) -> None:
@@ -150,11 +168,13 @@ def test_recording_alongside_edits_records_the_same_template(engine: Engine) -> 
     together = engine.finish_template(recording)
 
     assert together.template_id == alone.template_id
-    assert (together.final_latents - alone.final_latents).abs().max().item() <= 1e-5
+    guidance = recording.settings.guidance if recording.rows == 2 else None
+    tolerance = batched_tolerance(alone.final_latents, guidance)
+    assert (together.final_latents - alone.final_latents).abs().max().item() <= tolerance
     for key in alone.activations.keys():
         k_alone, _ = alone.activations.get(*key)
         k_together, _ = together.activations.get(*key)
-        assert (k_alone - k_together).abs().max().item() <= 1e-5
+        assert (k_alone - k_together).abs().max().item() <= batched_tolerance(k_alone, guidance)
 
 
 def test_corrupted_cache_entry_changes_the_result(engine: Engine) -> None:

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from conftest import SERVER_MAX_WAITING, TEXT_LEN, png, rect_mask, template_image
-from serving_calls import Stream, metric, metrics, tensor
+from serving_calls import Stream, baseline_png, metric, metrics, tensor
 
 LONG_STEPS = 40  # a tiny-model step is ~10-20 ms: long enough to overlap with
 
@@ -107,21 +107,9 @@ def test_edit_equal_to_its_template_matches_the_baseline_full_computation(triton
         full = stream.call({"TEMPLATE_ID": template_id, "MASK": mask, "PROMPT": "a chair", "FULL_COMPUTE": True}, "exact-full")
     finally:
         stream.close()
-    client = httpclient.InferenceServerClient(triton_server.http_url)
-    try:
-        inputs = []
-        for name, value in {"IMAGE": image, "MASK": mask, "PROMPT": "a chair", "SEED": 9, "STEPS": 3}.items():
-            datatype = {"SEED": "INT64", "STEPS": "INT32"}.get(name, "BYTES")
-            array = np.array([[value]], dtype=np.object_ if datatype == "BYTES" else np.int64 if name == "SEED" else np.int32)
-            infer_input = httpclient.InferInput(name, [1, 1], datatype)
-            infer_input.set_data_from_numpy(array)
-            inputs.append(infer_input)
-        baseline = client.infer("diffusers_baseline", inputs, request_id="exact-baseline")
-    finally:
-        client.close()
+    baseline = baseline_png(triton_server.http_url, {"IMAGE": image, "MASK": mask, "PROMPT": "a chair", "SEED": 9, "STEPS": 3}, "exact-baseline")
     assert masked.outputs["COMPUTED_TOKENS"][0] < masked.outputs["NUM_TOKENS"][0]
-    baseline_png = baseline.as_numpy("EDITED_IMAGE")[0][0]
-    assert masked.outputs["EDITED_IMAGE"][0] == full.outputs["EDITED_IMAGE"][0] == baseline_png
+    assert masked.outputs["EDITED_IMAGE"][0] == full.outputs["EDITED_IMAGE"][0] == baseline
 
 
 def test_sync_front_model_serves_plain_http_infer(triton_server, templates: dict[str, str]) -> None:

@@ -26,6 +26,8 @@ class TemplateActivations:
     def __init__(self, inputs: bool = False) -> None:
         self._kv: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self._inputs: dict[KVKey, torch.Tensor] | None = {} if inputs else None
+        # Output sites (a UNet attention level's last block): every token's output.
+        self._outputs: dict[KVKey, torch.Tensor] = {}
         self.token_dims: dict[int, int] = {}  # site -> the token axis of its per-row K/V
         # The transformer's input latents ``[1, N, C]`` at each step: what a step that
         # recomputes its first blocks over every token feeds the unmasked tokens.
@@ -66,8 +68,22 @@ class TemplateActivations:
         except KeyError:
             raise KeyError(f"no attention input recorded for step {step}, row {row}, site {site}") from None
 
+    def put_output(self, step: int, row: int, site: int, hidden: torch.Tensor) -> None:
+        self._outputs[(step, row, site)] = hidden.detach().clone()
+
+    def get_output(self, step: int, row: int, site: int) -> torch.Tensor:
+        try:
+            return self._outputs[(step, row, site)]
+        except KeyError:
+            raise KeyError(f"no output recorded for step {step}, row {row}, site {site}") from None
+
     def keys(self) -> list[KVKey]:
+        """The ``(step, row, site)`` of every attention site recorded."""
         return sorted(self._kv)
+
+    def output_keys(self) -> list[KVKey]:
+        """The ``(step, row, site)`` of every output site recorded."""
+        return sorted(self._outputs)
 
     @property
     def steps(self) -> int:
@@ -75,8 +91,9 @@ class TemplateActivations:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held, K and V together."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._kv.values())
+        """Bytes held: K and V together, and outputs."""
+        kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._kv.values())
+        return kv + sum(o.numel() * o.element_size() for o in self._outputs.values())
 
     def at(self, step: int, row: int) -> "StepActivations":
         return StepActivations(self, step, row)
@@ -85,14 +102,27 @@ class TemplateActivations:
 class StepActivations:
     """One row's K/V at one step: reads (edits) or writes (template recording)."""
 
-    token_index = None  # a recording holds every token
     stores_inputs = False  # it serves K/V
 
     def __init__(self, store: TemplateActivations, step: int, row: int) -> None:
         self.store, self.step, self.row = store, step, row
 
+    def stored_tokens(self, site: int) -> None:
+        return None  # a recording holds every token
+
     def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.get(self.step, self.row, site)
+
+    def output(self, site: int) -> torch.Tensor:
+        return self.store.get_output(self.step, self.row, site)
+
+    def stored(self, site: int) -> tuple[torch.Tensor, ...]:
+        if (self.step, self.row, site) in self.store._outputs:
+            return (self.output(site),)
+        return self.kv(site)
+
+    def record_output(self, site: int, hidden: torch.Tensor) -> None:
+        self.store.put_output(self.step, self.row, site, hidden)
 
     def record(self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
         self.store.put(self.step, self.row, site, key, value, token_dim)

@@ -61,11 +61,13 @@ Projector = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 class KVSource(Protocol):
     """Recorded image-token K/V (or attention inputs) of one row at its current step."""
 
-    #: Raster indices of the tokens stored, or ``None`` for all ``N`` in order.
-    #: Tokens left out must be ones the row computes (a template's own edit region).
-    token_index: torch.Tensor | None
     #: Whether the source holds attention inputs (``attention_input``) instead of K/V.
     stores_inputs: bool
+
+    def stored_tokens(self, site: int) -> torch.Tensor | None:
+        """Raster indices of the tokens stored at ``site``, or ``None`` for all in order.
+        Tokens left out must be ones the row computes (a template's own edit region)."""
+        ...
 
     def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of attention site ``site`` in the site's layout (any float dtype)."""
@@ -73,6 +75,15 @@ class KVSource(Protocol):
 
     def attention_input(self, site: int) -> torch.Tensor:
         """The stored tokens' input ``[n, C]`` to attention site ``site`` (any float dtype)."""
+        ...
+
+    def output(self, site: int) -> torch.Tensor:
+        """The stored tokens' output ``[n, C]`` of output site ``site`` (a UNet attention
+        level's last block: where its computed tokens are scattered back)."""
+        ...
+
+    def stored(self, site: int) -> tuple[torch.Tensor, ...]:
+        """Whatever site ``site`` stores (K and V, an input or an output): what a copy stage moves."""
         ...
 
 
@@ -85,6 +96,10 @@ class KVSink(Protocol):
 
     def record_input(self, site: int, hidden: torch.Tensor) -> None:
         """Store a copy of the image tokens' attention input ``[N, C]`` (if this sink keeps inputs)."""
+        ...
+
+    def record_output(self, site: int, hidden: torch.Tensor) -> None:
+        """Store a copy of every image token's output ``[N, C]`` at output site ``site``."""
         ...
 
 
@@ -209,11 +224,12 @@ class TokenBatch:
         index = positions.to(cos.device) + self.text_len
         return apply_rotary_emb(x.unsqueeze(0), (cos[index], sin[index]), sequence_dim=1).squeeze(0)
 
-    def _projected_tokens(self, b: int, row: TokenRow) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(which stored entries, their raster positions)`` row ``b`` must project."""
+    def _projected_tokens(self, b: int, row: TokenRow, site: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(which stored entries, their raster positions)`` row ``b`` must project:
+        the same at every site of a batch (its sites share one token grid)."""
         if b not in self._projected:
             assert row.cached is not None
-            stored = row.cached.token_index
+            stored = row.cached.stored_tokens(site)
             device = row.token_index.device
             positions = torch.arange(self.num_tokens, device=device) if stored is None else stored.to(device)
             entries = (~torch.isin(positions, row.token_index)).nonzero().flatten()
@@ -227,11 +243,11 @@ class TokenBatch:
         assert row.cached is not None
         if not row.cached.stores_inputs:
             key, value = row.cached.kv(site)
-            stored = row.cached.token_index
+            stored = row.cached.stored_tokens(site)
             return key.to(like.device, like.dtype), value.to(like.device, like.dtype), stored
         if project is None:
             raise TypeError("this attention site cannot project K/V from cached inputs")
-        entries, positions = self._projected_tokens(b, row)
+        entries, positions = self._projected_tokens(b, row, site)
         hidden = row.cached.attention_input(site).to(like.device)
         hidden = hidden.index_select(0, entries.to(hidden.device)).to(like.dtype)
         count = hidden.shape[0]
@@ -295,7 +311,48 @@ class TokenBatch:
         return full_key, full_value
 
 
-class MaskedFluxAttnProcessor:
+class MaskedProcessor:
+    """Marks InstGenIE's attention processors (:func:`is_installed`, :func:`uninstall`)."""
+
+    _attention_backend = None  # what diffusers' ``set_attention_backend`` sets (dispatch_attention_fn)
+    _parallel_config = None
+
+    def __init__(self, site: int) -> None:
+        self.site = site
+
+
+def image_attention_inputs(
+    attn: torch.nn.Module, hidden_states: torch.Tensor, batch: TokenBatch, site: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q of the computed image tokens and K/V of every image token, ``[B, H, S, D]``.
+
+    For processors laid out like ``AttnProcessor2_0`` (SD3's joint attention, a UNet's
+    self-attention): separate ``to_q``/``to_k``/``to_v``, optional q/k norms, no RoPE.
+    K/V are recorded after the norms; a cache of inputs is projected the same way.
+    """
+    batch_size = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+
+    def project(hidden: torch.Tensor, _positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cached_key = attn.to_k(hidden).view(-1, attn.heads, head_dim).transpose(0, 1)
+        cached_value = attn.to_v(hidden).view(-1, attn.heads, head_dim).transpose(0, 1)
+        if attn.norm_k is not None:
+            cached_key = attn.norm_k(cached_key)
+        return cached_key, cached_value
+
+    key, value = batch.image_kv(site, key, value, 2, hidden_states, project)
+    return query, key, value
+
+
+class MaskedFluxAttnProcessor(MaskedProcessor):
     """``FluxAttnProcessor`` that attends masked queries over cached image K/V.
 
     Serves both Flux block kinds: double blocks pass text and image separately and
@@ -303,11 +360,8 @@ class MaskedFluxAttnProcessor:
     projections is ``[text, image]``, with post-norm, post-RoPE K/V recorded.
     """
 
-    _attention_backend = None
-    _parallel_config = None
-
     def __init__(self, site: int) -> None:
-        self.site = site
+        super().__init__(site)
         self._stock = FluxAttnProcessor()
 
     def __call__(
@@ -368,7 +422,7 @@ class MaskedFluxAttnProcessor:
         return hidden_states, encoder_hidden_states
 
 
-class MaskedJointAttnProcessor:
+class MaskedJointAttnProcessor(MaskedProcessor):
     """``JointAttnProcessor2_0`` (SD3) that attends masked queries over cached image K/V.
 
     SD3 has no RoPE (positions are added at patch embedding) and orders the joint
@@ -376,12 +430,8 @@ class MaskedJointAttnProcessor:
     q/k norms.
     """
 
-    # What diffusers' ``set_attention_backend`` sets on a processor (dispatch_attention_fn).
-    _attention_backend = None
-    _parallel_config = None
-
     def __init__(self, site: int) -> None:
-        self.site = site
+        super().__init__(site)
         self._stock = JointAttnProcessor2_0()
 
     def __call__(
@@ -395,24 +445,8 @@ class MaskedJointAttnProcessor:
         if token_batch is None:
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask)
         batch_size, image_len = hidden_states.shape[:2]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        def project(hidden: torch.Tensor, _positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cached_key = attn.to_k(hidden).view(-1, attn.heads, head_dim).transpose(0, 1)
-            cached_value = attn.to_v(hidden).view(-1, attn.heads, head_dim).transpose(0, 1)
-            if attn.norm_k is not None:
-                cached_key = attn.norm_k(cached_key)
-            return cached_key, cached_value
-
-        key, value = token_batch.image_kv(self.site, key, value, 2, hidden_states, project)
+        query, key, value = image_attention_inputs(attn, hidden_states, token_batch, self.site)
+        head_dim = key.shape[-1]
 
         if encoder_hidden_states is not None:
             context_query = attn.add_q_proj(encoder_hidden_states)
@@ -541,5 +575,4 @@ def is_installed(transformer: torch.nn.Module) -> bool:
 
 
 def _has_masked_processors(transformer: torch.nn.Module) -> bool:
-    masked = (MaskedFluxAttnProcessor, MaskedJointAttnProcessor)
-    return any(isinstance(p, masked) for p in transformer.attn_processors.values())
+    return any(isinstance(p, MaskedProcessor) for p in transformer.attn_processors.values())

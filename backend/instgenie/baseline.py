@@ -30,7 +30,8 @@ from PIL import Image
 from . import attention
 from .settings import EngineLimits, request_settings
 from .errors import InstGenIEError, InternalError, InvalidInput
-from .families import Family, GenerationSettings
+from .families import Family, GenerationSettings, UNetInpaintFamily
+from .families.base import vae_input
 from .imaging import decode_image, decode_mask, encode_png
 from .loading import load_pipeline
 from .step_loop import EditRequest, JobOutcome
@@ -218,14 +219,15 @@ class BaselinePipeline:
         pipe, vae = self.pipe, self.pipe.vae
         if latents.ndim == 3:  # Flux returns packed tokens [B, N, C]
             latents = pipe._unpack_latents(latents, settings.height, settings.width, pipe.vae_scale_factor)
-        spatial = latents / vae.config.scaling_factor + vae.config.shift_factor
-        decoded = vae.decode(spatial.to(vae.dtype), return_dict=False)[0]
+        decoded = vae.decode(vae_input(vae, latents).to(vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(decoded.float(), output_type="pil")
 
     def _tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents in the engine's token layout ``[B, N, C]``."""
         if latents.ndim == 3:  # Flux: already packed tokens
             return latents
+        if getattr(self.pipe, "unet", None) is not None:  # a UNet: one token per latent pixel
+            return UNetInpaintFamily.to_tokens(latents)
         # SD3 spatial [B, C, H, W] -> [B, N, p*p*C], the (p, q, c) order of SD3InpaintFamily.to_tokens.
         b, c, h, w = latents.shape
         p = int(self.pipe.transformer.config.patch_size)

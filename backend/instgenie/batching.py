@@ -31,16 +31,21 @@ def call_inputs(family: Family, device: torch.device, active: Sequence[RequestSt
     grid = family.grid(active[0].settings)
     if any(family.grid(s.settings) != grid for s in active):
         raise InvalidInput("states of different resolutions cannot share a step")
-    if full_blocks and any(s.template is not None and s.template.step_latents is None for s in active):
-        raise ValueError("a template cached without step latents cannot recompute blocks; register it again")
+    if (full_blocks or family.reads_every_token) and any(
+        s.template is not None and s.template.step_latents is None for s in active
+    ):
+        raise ValueError("a template cached without step latents cannot feed every token; register it again")
+    full_grid = bool(full_blocks) or family.reads_every_token
     rows: list[TokenRow] = []
     tokens: list[torch.Tensor] = []
     for state in active:
-        row_tokens = state.inputs.latents[0]
-        if state.inputs.condition is not None:
-            row_tokens = torch.cat([row_tokens, state.inputs.condition[0]], dim=-1)
-        if full_blocks and state.template is not None:
-            row_tokens = _full_grid_tokens(state)
+        timestep = state.timesteps[state.step_index]
+        if full_grid and state.template is not None:
+            latents, condition = _full_grid_inputs(state)
+        else:
+            latents, condition = state.inputs.latents[0], state.inputs.condition
+            condition = None if condition is None else condition[0]
+        row_tokens = family.model_tokens(state.scheduler, timestep, latents, condition)
         for row in range(state.rows):
             rows.append(
                 TokenRow(
@@ -62,7 +67,7 @@ def call_inputs(family: Family, device: torch.device, active: Sequence[RequestSt
     batch = TokenBatch(rows, num_tokens=active[0].num_tokens, text_len=text.shape[1], full_blocks=full_blocks)
     return ModelInputs(
         batch=batch,
-        tokens=_pad_rows(tokens, batch.num_tokens if batch.is_dense else batch.padded_len),
+        tokens=_pad_rows(tokens, batch.num_tokens if batch.is_dense or full_grid else batch.padded_len),
         prompt_embeds=text,
         pooled=torch.cat([s.text.pooled for s in active]),
         timesteps=torch.stack([s.timesteps[s.step_index] for s in active for _ in range(s.rows)]),
@@ -73,15 +78,14 @@ def call_inputs(family: Family, device: torch.device, active: Sequence[RequestSt
     )
 
 
-def _full_grid_tokens(state: RequestState) -> torch.Tensor:
-    """``[N, C]`` inputs of every token of a cached state: the template's latents at
-    this step where the state computes nothing (the tokens its cache stands for)."""
+def _full_grid_inputs(state: RequestState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[N, C]`` latents and condition of every token of a cached state: the template's
+    latents at this step where the state computes nothing (the tokens its cache stands for)."""
     assert state.template is not None and state.template.step_latents is not None and state.full_inputs is not None
     latents = state.template.step_latents[state.step_index].clone()
     latents[state.token_index] = state.inputs.latents[0]
-    if state.full_inputs.condition is not None:
-        latents = torch.cat([latents, state.full_inputs.condition[0]], dim=-1)
-    return latents
+    condition = state.full_inputs.condition
+    return latents, None if condition is None else condition[0]
 
 
 def _pad_rows(rows: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -72,7 +72,7 @@ def _profile(args: argparse.Namespace) -> int:
 def add_engine_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``make-model``, ``edit-local`` and ``profile`` to ``commands``."""
     make = commands.add_parser("make-model", help="write a random-weight diffusers pipeline folder (offline)")
-    make.add_argument("--family", required=True, choices=("flux-fill", "flux-inpaint", "sd3-inpaint"))
+    make.add_argument("--family", required=True, choices=("flux-fill", "flux-inpaint", "sd3-inpaint", "sdxl-inpaint", "sd-inpaint"))
     make.add_argument("--size", default="tiny", choices=("tiny", "small"))
     make.add_argument("--seed", type=int, default=0, help="weight seed")
     make.add_argument("--out", required=True, help="folder to write")

@@ -119,7 +119,21 @@ class Engine:
 
     def add_template(self, record: TemplateRecord, recording: TemplateActivations) -> None:
         """Store a recording as ``record``'s cache (e.g. one recorded by another engine)."""
-        self.templates.add(record, recording)
+        self.templates.add(record, recording, self._unmasked_tokens(record))
+
+    def _unmasked_tokens(self, record: TemplateRecord) -> dict[int, torch.Tensor] | None:
+        """Per cache site, the tokens outside the template's own edit region on the site's
+        grid; ``None`` where nothing is left out (no region, or a cache that stores all)."""
+        if self.store.mode.tokens != "unmasked" or not record.mask_tokens.numel():
+            return None
+        grid = self.family.grid(record.settings)
+        kept: dict[tuple[int, int], torch.Tensor] = {}
+        for site_grid in set(self.family.site_grids(grid)):
+            region = masking.pool_token_index(record.mask_tokens.cpu(), grid, site_grid)
+            keep = torch.ones(site_grid[0] * site_grid[1], dtype=torch.bool)
+            keep[region] = False
+            kept[site_grid] = keep.nonzero().flatten()
+        return {site: kept[g] for site, g in enumerate(self.family.site_grids(grid))}
 
     def has_template(self, template_id: str) -> bool:
         return self.templates.has(template_id)

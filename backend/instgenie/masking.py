@@ -21,3 +21,17 @@ def token_indices(pixel_mask: np.ndarray, pixels_per_token: int) -> torch.Tensor
 def union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sorted union of two index sets."""
     return torch.unique(torch.cat([a, b]), sorted=True)
+
+
+def pool_token_index(index: torch.Tensor, grid: tuple[int, int], level: tuple[int, int]) -> torch.Tensor:
+    """The tokens of a coarser ``level`` grid whose cell covers any of ``index`` on ``grid``
+    (max-pooling, as from pixels to tokens): a UNet attention level's computed tokens."""
+    if level == grid:
+        return index
+    rows, cols = grid
+    if index.numel() == rows * cols:
+        return torch.arange(level[0] * level[1], device=index.device)
+    mask = torch.zeros(rows * cols, device=index.device)
+    mask[index] = 1.0
+    pooled = torch.nn.functional.adaptive_max_pool2d(mask.view(1, 1, rows, cols), level)
+    return pooled.flatten().nonzero().flatten()

@@ -59,7 +59,7 @@ def _mask(size: int, ratio: float) -> bytes:
 
 def profile_compute(engine, size: int, steps: int, ratios: Sequence[float], repeats: int) -> LinearCost:  # type: ignore[no-untyped-def]
     record = engine.register_template(_png(_picture(size)), "a photo", seed=0, steps=steps)
-    blocks = len(engine.family.transformer.attn_processors)
+    blocks = len(engine.family.blocks)
     tokens, seconds = [], []
     for ratio in ratios:
         best = float("inf")

@@ -21,6 +21,7 @@ from PIL import Image
 
 from .activations import TemplateActivations
 from .cache import ActivationStore
+from .cache.entry import KeptTokens
 from .errors import UnknownTemplate
 from .families import GenerationSettings, LatentInputs
 from .template_ids import check_template_id, template_id_from_digest
@@ -112,14 +113,17 @@ class TemplateRegistry:
             self._templates[template_id] = record
         return record
 
-    def add(self, record: TemplateRecord, recording: TemplateActivations) -> None:
+    def add(self, record: TemplateRecord, recording: TemplateActivations, unmasked: KeptTokens | None = None) -> None:
         """Store ``recording`` as ``record``'s cache (host memory; disk if configured).
+
+        ``unmasked``: per cache site, the tokens outside the template's own edit region
+        (what a cache storing only those keeps).
 
         Requests already running hold their template's cache and are unaffected by
         eviction. Raises ``CacheBudgetExceeded`` / ``CacheWriteFailed``.
         """
         meta, info = record_meta(record)
-        record.cache_bytes = self.store.put(record.template_id, recording, meta, info, record.mask_tokens)
+        record.cache_bytes = self.store.put(record.template_id, recording, meta, info, unmasked)
         with self._templates_lock:
             self._templates[record.template_id] = dataclasses.replace(record, activations=None)
 

@@ -29,12 +29,17 @@ import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxFillPipeline,
     FluxInpaintPipeline,
     FluxTransformer2DModel,
+    PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3InpaintPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLInpaintPipeline,
+    UNet2DConditionModel,
 )
 from tokenizers import pre_tokenizers
 from torch import nn
@@ -53,7 +58,7 @@ __all__ = ["FAMILIES", "SIZES", "build_pipeline", "make_model"]
 _Module = TypeVar("_Module", bound=nn.Module)
 _FluxPipeline = TypeVar("_FluxPipeline", FluxFillPipeline, FluxInpaintPipeline)
 
-FAMILIES = ("flux-fill", "flux-inpaint", "sd3-inpaint")
+FAMILIES = ("flux-fill", "flux-inpaint", "sd3-inpaint", "sdxl-inpaint", "sd-inpaint")
 SIZES = ("tiny", "small")
 
 # Words that get whole-word tokens, so that ordinary prompts map to short, distinct id
@@ -108,6 +113,11 @@ _FLUX_SCHEDULER = dict(
 )
 _FLUX_VAE_SCALING = dict(scaling_factor=0.3611, shift_factor=0.1159)
 _SD3_VAE_SCALING = dict(scaling_factor=1.5305, shift_factor=0.0609)
+_SD_VAE_SCALING = dict(scaling_factor=0.18215)
+_SDXL_VAE_SCALING = dict(scaling_factor=0.13025)
+_SD_LATENT_CHANNELS = 4
+# The schedulers the real checkpoints ship: PNDM (SD 1.5) and Euler (SDXL).
+_SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 # Flux packs 2x2 latent patches, so 16 latent channels become 64 token channels. The fill
 # variant also takes the packed masked-image latents (64) and, per latent pixel, the 8x8
@@ -126,14 +136,19 @@ class _TransformerSize:
     flux_single_blocks: int
     flux_rope_axes: tuple[int, int, int]
     sd3_blocks: int
+    unet_channels: tuple[int, int, int]
+    unet_groups: int
+    sdxl_deep_blocks: int  # transformer blocks per attention level at SDXL's coarsest level
 
 
 _SIZE_SPECS: dict[str, _TransformerSize] = {
     "tiny": _TransformerSize(
-        heads=4, head_dim=16, flux_double_blocks=2, flux_single_blocks=4, flux_rope_axes=(4, 6, 6), sd3_blocks=6
+        heads=4, head_dim=16, flux_double_blocks=2, flux_single_blocks=4, flux_rope_axes=(4, 6, 6), sd3_blocks=6,
+        unet_channels=(32, 64, 64), unet_groups=8, sdxl_deep_blocks=2,
     ),
     "small": _TransformerSize(
-        heads=4, head_dim=64, flux_double_blocks=2, flux_single_blocks=4, flux_rope_axes=(16, 24, 24), sd3_blocks=4
+        heads=4, head_dim=64, flux_double_blocks=2, flux_single_blocks=4, flux_rope_axes=(16, 24, 24), sd3_blocks=4,
+        unet_channels=(64, 128, 256), unet_groups=32, sdxl_deep_blocks=4,
     ),
 }
 
@@ -271,8 +286,10 @@ def _t5_encoder(tokenizer: T5Tokenizer, seed: int, component: str) -> T5EncoderM
     return _seeded(T5EncoderModel(config), seed, component)
 
 
-def _vae(seed: int, scaling: dict[str, float]) -> AutoencoderKL:
-    """FLUX/SD3-style VAE: the real four-level 8x topology and 16 latent channels, narrow."""
+def _vae(seed: int, scaling: dict[str, float], latent_channels: int = _LATENT_CHANNELS) -> AutoencoderKL:
+    """The real four-level 8x VAE topology, narrow: FLUX/SD3 style (16 latent channels,
+    no quant convolutions) or SD/SDXL style (4 channels, with them)."""
+    sd_style = latent_channels == _SD_LATENT_CHANNELS
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -280,18 +297,19 @@ def _vae(seed: int, scaling: dict[str, float]) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * len(_VAE_CHANNELS),
         block_out_channels=_VAE_CHANNELS,
         layers_per_block=1,
-        latent_channels=_LATENT_CHANNELS,
+        latent_channels=latent_channels,
         norm_num_groups=_VAE_GROUPS,
         sample_size=1024,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+        use_quant_conv=sd_style,
+        use_post_quant_conv=sd_style,
         **scaling,
     )
     _seeded(vae, seed, "vae")
     # Real VAEs encode almost deterministically; a random encoder's unit posterior noise
     # would drown the image content that inpainting conditions on.
     with torch.no_grad():
-        vae.encoder.conv_out.bias[_LATENT_CHANNELS:] += _POSTERIOR_LOGVAR_SHIFT
+        moments = vae.quant_conv if sd_style else vae.encoder.conv_out
+        moments.bias[latent_channels:] += _POSTERIOR_LOGVAR_SHIFT
     return vae
 
 
@@ -368,10 +386,84 @@ def _sd3_inpaint(size: _TransformerSize, seed: int) -> StableDiffusion3InpaintPi
     )
 
 
+def _unet(size: _TransformerSize, cross_attention_dim: int, sdxl: bool, seed: int) -> UNet2DConditionModel:
+    """A 9-channel inpainting UNet with the real family's block layout, narrow.
+
+    SD 1.5: attention at the three finest levels, 1x1-convolution projections; SDXL:
+    no attention at the finest level, deeper attention below it, linear projections and
+    ``text_time`` additional embeddings (pooled text + 6 size ids).
+    """
+    widths = size.unet_channels
+    common = dict(
+        sample_size=64,
+        in_channels=9,
+        out_channels=_SD_LATENT_CHANNELS,
+        block_out_channels=widths,
+        norm_num_groups=size.unet_groups,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=tuple(width // size.head_dim for width in widths) if sdxl else size.heads,
+    )
+    if sdxl:
+        unet = UNet2DConditionModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 1, size.sdxl_deep_blocks),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + _CLIP_PROJECTION,
+            **common,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            use_linear_projection=False,
+            **common,
+        )
+    return _seeded(unet, seed, "unet")
+
+
+def _sd_inpaint(size: _TransformerSize, seed: int) -> StableDiffusionInpaintPipeline:
+    """SD 1.5 inpainting: one CLIP encoder, PNDM, no safety checker."""
+    tokenizer = _clip_tokenizer()
+    return StableDiffusionInpaintPipeline(
+        vae=_vae(seed, _SD_VAE_SCALING, _SD_LATENT_CHANNELS),
+        text_encoder=_seeded(CLIPTextModel(_clip_config(tokenizer)), seed, "text_encoder"),
+        tokenizer=tokenizer,
+        unet=_unet(size, _CLIP_HIDDEN, sdxl=False, seed=seed),
+        scheduler=PNDMScheduler(**_SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl_inpaint(size: _TransformerSize, seed: int) -> StableDiffusionXLInpaintPipeline:
+    """SDXL inpainting: CLIPTextModel + CLIPTextModelWithProjection, Euler."""
+    tokenizers = [_clip_tokenizer(), _clip_tokenizer()]
+    return StableDiffusionXLInpaintPipeline(
+        vae=_vae(seed, _SDXL_VAE_SCALING, _SD_LATENT_CHANNELS),
+        text_encoder=_seeded(CLIPTextModel(_clip_config(tokenizers[0])), seed, "text_encoder"),
+        text_encoder_2=_seeded(CLIPTextModelWithProjection(_clip_config(tokenizers[1])), seed, "text_encoder_2"),
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        # The penultimate hidden states of both encoders, concatenated.
+        unet=_unet(size, 2 * _CLIP_HIDDEN, sdxl=True, seed=seed),
+        scheduler=EulerDiscreteScheduler(**_SD_BETAS, steps_offset=1, timestep_spacing="leading"),
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
 _BUILDERS: dict[str, Callable[[_TransformerSize, int], diffusers.DiffusionPipeline]] = {
     "flux-fill": _flux_fill,
     "flux-inpaint": _flux_inpaint,
     "sd3-inpaint": _sd3_inpaint,
+    "sdxl-inpaint": _sdxl_inpaint,
+    "sd-inpaint": _sd_inpaint,
 }
 
 

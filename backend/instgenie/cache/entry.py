@@ -14,7 +14,41 @@ import torch
 from ..activations import TemplateActivations
 from .mode import CacheMode
 
-__all__ = ["StepKV", "RowKV"]
+__all__ = ["KeptTokens", "RowKV", "StepKV", "kept_from_meta", "kept_to_meta"]
+
+#: Per attention or output site, the sorted raster indices (over the site's own token
+#: grid) a cache stores; sites not listed store every token.
+KeptTokens = dict[int, torch.Tensor]
+
+_KEPT = "cache.kept."  # meta names: one tensor per distinct index set ...
+_KEPT_SITES = "cache.kept_sites"  # ... and, per site, which one (-1: every token)
+
+
+def kept_to_meta(kept: KeptTokens) -> dict[str, torch.Tensor]:
+    """``kept`` as meta tensors; sites sharing a grid share one stored index set."""
+    distinct: list[torch.Tensor] = []
+    sites = torch.full((max(kept) + 1,), -1, dtype=torch.long) if kept else torch.empty(0, dtype=torch.long)
+    for site, index in sorted(kept.items()):
+        for i, known in enumerate(distinct):
+            if known is index or torch.equal(known, index):
+                sites[site] = i
+                break
+        else:
+            sites[site] = len(distinct)
+            distinct.append(index)
+    return {_KEPT_SITES: sites, **{f"{_KEPT}{i}": index for i, index in enumerate(distinct)}}
+
+
+def kept_from_meta(meta: dict[str, torch.Tensor]) -> KeptTokens | None:
+    """Inverse of :func:`kept_to_meta`; removes its entries from ``meta``. ``None`` if absent."""
+    sites = meta.pop(_KEPT_SITES, None)
+    distinct = {int(name[len(_KEPT) :]): meta.pop(name) for name in [n for n in meta if n.startswith(_KEPT)]}
+    if sites is None:
+        return None
+    try:
+        return {site: distinct[int(i)] for site, i in enumerate(sites.tolist()) if i >= 0}
+    except KeyError as missing:
+        raise ValueError(f"cache meta lacks kept token set {missing}") from None
 
 
 @dataclass
@@ -25,8 +59,10 @@ class StepKV:
     """
 
     kv: dict[tuple[int, int], tuple[torch.Tensor, ...]]
-    token_index: torch.Tensor | None  # stored token indices; None = all tokens in order
+    kept: KeptTokens | None  # per site, the raster indices stored; ``None`` (or a site missing): all, in order
     stores_inputs: bool = False
+    #: Sites that store an output (a UNet attention level's), whatever the content mode.
+    output_sites: frozenset[int] = frozenset()
 
     @property
     def nbytes(self) -> int:
@@ -37,9 +73,9 @@ class StepKV:
 
     @classmethod
     def from_recording(
-        cls, recording: TemplateActivations, step: int, mode: CacheMode, stored: torch.Tensor | None
+        cls, recording: TemplateActivations, step: int, mode: CacheMode, kept: KeptTokens | None
     ) -> "StepKV":
-        """The step as ``mode`` stores it; ``stored`` keeps only those tokens."""
+        """The step as ``mode`` stores it; ``kept`` keeps only those tokens of each site."""
         if mode.stores_inputs and not recording.records_inputs:
             raise ValueError(f"cache mode {mode.name} stores attention inputs; this recording holds only K/V")
         kv: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
@@ -51,42 +87,55 @@ class StepKV:
                 dim = 0
             else:
                 tensors, dim = recording.get(step, row, site), recording.token_dims[site]
-            if stored is not None:
-                tensors = tuple(t.index_select(dim, stored) for t in tensors)
+            if kept and site in kept:
+                tensors = tuple(t.index_select(dim, kept[site]) for t in tensors)
             kv[(row, site)] = tuple(t.to(mode.torch_dtype).contiguous() for t in tensors)
-        return cls(kv, stored, mode.stores_inputs)
+        outputs = set()
+        for s, row, site in recording.output_keys():
+            if s == step:
+                output = recording.get_output(step, row, site)
+                if kept and site in kept:
+                    output = output.index_select(0, kept[site])
+                kv[(row, site)] = (output.to(mode.torch_dtype).contiguous(),)
+                outputs.add(site)
+        return cls(kv, kept, mode.stores_inputs, frozenset(outputs))
 
     # -- file form: flat name -> tensor ---------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        kinds = _INPUT_KINDS if self.stores_inputs else _KV_KINDS
+        content = _INPUT_KINDS if self.stores_inputs else _KV_KINDS
         return {
             f"{kind}.{row}.{site}": tensor
             for (row, site), tensors in self.kv.items()
-            for kind, tensor in zip(kinds, tensors)
+            for kind, tensor in zip(_OUTPUT_KINDS if site in self.output_sites else content, tensors)
         }
 
     @classmethod
-    def from_tensors(cls, named: dict[str, torch.Tensor], token_index: torch.Tensor | None) -> "StepKV":
+    def from_tensors(cls, named: dict[str, torch.Tensor], kept: KeptTokens | None) -> "StepKV":
         grouped: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for name, tensor in named.items():
             kind, row, site = name.split(".")
             grouped.setdefault((int(row), int(site)), {})[kind] = tensor
         stores_inputs = any(_INPUT_KINDS[0] in parts for parts in grouped.values())
-        kinds = _INPUT_KINDS if stores_inputs else _KV_KINDS
+        content = _INPUT_KINDS if stores_inputs else _KV_KINDS
+        outputs = frozenset(site for (_, site), parts in grouped.items() if _OUTPUT_KINDS[0] in parts)
         try:
-            kv = {key: tuple(parts[kind] for kind in kinds) for key, parts in grouped.items()}
+            kv = {
+                (row, site): tuple(parts[kind] for kind in (_OUTPUT_KINDS if site in outputs else content))
+                for (row, site), parts in grouped.items()
+            }
         except KeyError as missing:
             raise ValueError(f"cache step lacks tensor kind {missing}") from None
-        return cls(kv, token_index, stores_inputs)
+        return cls(kv, kept, stores_inputs, outputs)
 
     def pinned(self) -> "StepKV":
         """A copy in page-locked host memory, from which host->device copies run asynchronously."""
         kv = {key: tuple(t.pin_memory() for t in tensors) for key, tensors in self.kv.items()}
-        return StepKV(kv, self.token_index, self.stores_inputs)
+        return StepKV(kv, self.kept, self.stores_inputs, self.output_sites)
 
 
 _KV_KINDS = ("k", "v")
 _INPUT_KINDS = ("x",)
+_OUTPUT_KINDS = ("o",)
 
 
 class RowKV:
@@ -94,10 +143,13 @@ class RowKV:
 
     def __init__(self, step: StepKV, row: int) -> None:
         self._step, self._row = step, row
-        self.token_index = step.token_index
         self.stores_inputs = step.stores_inputs
 
-    def _stored(self, site: int) -> tuple[torch.Tensor, ...]:
+    def stored_tokens(self, site: int) -> torch.Tensor | None:
+        kept = self._step.kept
+        return kept.get(site) if kept else None
+
+    def stored(self, site: int) -> tuple[torch.Tensor, ...]:
         try:
             return self._step.kv[(self._row, site)]
         except KeyError:
@@ -105,10 +157,14 @@ class RowKV:
 
     def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         assert not self.stores_inputs, "this cache stores attention inputs"
-        key, value = self._stored(site)
+        key, value = self.stored(site)
         return key, value
 
     def attention_input(self, site: int) -> torch.Tensor:
         assert self.stores_inputs, "this cache stores K/V"
-        (hidden,) = self._stored(site)
+        (hidden,) = self.stored(site)
+        return hidden
+
+    def output(self, site: int) -> torch.Tensor:
+        (hidden,) = self.stored(site)
         return hidden

@@ -72,7 +72,7 @@ class CopyStage:
             return
         self.issued.append(site)
         if self._stream is None:
-            self._staged[site] = ([None if s is None else _stored(s, site) for s in self._sources], None)
+            self._staged[site] = ([None if s is None else s.stored(site) for s in self._sources], None)
             return
         compute = torch.cuda.current_stream(self._device)
         # No wait on the compute stream: the copy only allocates (on its own stream) and
@@ -84,7 +84,7 @@ class CopyStage:
                 if source is None:
                     staged.append(None)
                     continue
-                copied = tuple(t.to(self._device, non_blocking=True) for t in _stored(source, site))
+                copied = tuple(t.to(self._device, non_blocking=True) for t in source.stored(site))
                 for tensor in copied:
                     tensor.record_stream(compute)
                 staged.append(copied)
@@ -97,9 +97,11 @@ class StagedSource:
     """A :class:`~instgenie.attention.KVSource` that reads one row through a :class:`CopyStage`."""
 
     def __init__(self, stage: CopyStage, row: int, source: KVSource) -> None:
-        self._stage, self._row = stage, row
-        self.token_index = source.token_index
+        self._stage, self._row, self._source = stage, row, source
         self.stores_inputs = source.stores_inputs
+
+    def stored_tokens(self, site: int) -> torch.Tensor | None:
+        return self._source.stored_tokens(site)
 
     def kv(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
         key, value = self._stage.tensors(self._row, site)
@@ -109,6 +111,9 @@ class StagedSource:
         (hidden,) = self._stage.tensors(self._row, site)
         return hidden
 
+    def output(self, site: int) -> torch.Tensor:
+        (hidden,) = self._stage.tensors(self._row, site)
+        return hidden
 
-def _stored(source: KVSource, site: int) -> tuple[torch.Tensor, ...]:
-    return (source.attention_input(site),) if source.stores_inputs else source.kv(site)
+    def stored(self, site: int) -> tuple[torch.Tensor, ...]:
+        return self._stage.tensors(self._row, site)

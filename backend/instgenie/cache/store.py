@@ -25,7 +25,7 @@ import torch
 from ..activations import TemplateActivations
 from ..errors import CacheBudgetExceeded, CacheCorrupt, UnknownTemplate
 from .disk import DiskTier
-from .entry import RowKV, StepKV
+from .entry import KeptTokens, RowKV, StepKV, kept_from_meta, kept_to_meta
 from .host import HostTier, StepKey
 from .mode import CacheMode
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ActivationStore", "CacheStats", "TemplateCache"]
 
-_TOKEN_INDEX = "cache.token_index"
 _STEPS = "cache.steps"
 
 
@@ -80,7 +79,7 @@ class ActivationStore:
         self.host = HostTier(host_budget_bytes, on_evict=self._evicted, whole_templates=self.disk is None)
         self._lock = threading.Lock()
         self._stats = CacheStats()
-        self._templates: dict[str, tuple[int, torch.Tensor | None]] = {}  # id -> (steps, stored token index)
+        self._templates: dict[str, tuple[int, KeptTokens | None]] = {}  # id -> (steps, tokens kept per site)
         self._loading: dict[StepKey, Future[StepKV]] = {}
         self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="instgenie-prefetch")
 
@@ -91,21 +90,16 @@ class ActivationStore:
         recording: TemplateActivations,
         meta: dict[str, torch.Tensor],
         info: dict[str, str],
-        mask_tokens: torch.Tensor | None = None,
+        unmasked: KeptTokens | None = None,
     ) -> int:
         """Store a recording (disk first, then host memory); return its stored bytes.
 
-        ``mask_tokens`` is the template's own edit region: with ``tokens="unmasked"``
-        those tokens are not stored (every edit recomputes them).
+        ``unmasked``: per site, the tokens outside the template's own edit region; with
+        ``tokens="unmasked"`` only those are stored (every edit recomputes the others).
         """
         steps = recording.steps
-        stored = None
-        if self.mode.tokens == "unmasked" and mask_tokens is not None and mask_tokens.numel():
-            num_tokens = _num_tokens(recording)
-            keep = torch.ones(num_tokens, dtype=torch.bool)
-            keep[mask_tokens.cpu()] = False
-            stored = keep.nonzero().flatten()
-        entries = [StepKV.from_recording(recording, step, self.mode, stored) for step in range(steps)]
+        kept = unmasked if self.mode.tokens == "unmasked" and unmasked else None
+        entries = [StepKV.from_recording(recording, step, self.mode, kept) for step in range(steps)]
         total = sum(entry.nbytes for entry in entries)
         budget = self.host.budget_bytes
         if self.disk is None and budget is not None and total > budget:
@@ -115,15 +109,15 @@ class ActivationStore:
             )
         if self.disk is not None:
             meta = dict(meta)
-            if stored is not None:
-                meta[_TOKEN_INDEX] = stored
+            if kept is not None:
+                meta.update(kept_to_meta(kept))
             info = {**info, _STEPS: str(steps)}
             written = self.disk.write(template_id, meta, info, ((s, e.tensors()) for s, e in enumerate(entries)))
             with self._lock:
                 self._stats.writes += 1
                 self._stats.written_bytes += written
         with self._lock:
-            self._templates[template_id] = (steps, stored)
+            self._templates[template_id] = (steps, kept)
         for step, entry in enumerate(entries):
             self.host.put((template_id, step), entry.pinned() if self._pin else entry)
         return total
@@ -150,10 +144,15 @@ class ActivationStore:
             self._count(corrupt=1)
             self.discard(template_id)
             raise
-        stored = meta.pop(_TOKEN_INDEX, None)
+        try:
+            kept = kept_from_meta(meta)
+        except ValueError as error:
+            self._count(corrupt=1)
+            self.discard(template_id)
+            raise CacheCorrupt(f"template {template_id}: {error}") from None
         steps = int(info.pop(_STEPS, "0"))
         with self._lock:
-            self._templates[template_id] = (steps, stored)
+            self._templates[template_id] = (steps, kept)
         return meta, info
 
     def discard(self, template_id: str) -> None:
@@ -183,8 +182,8 @@ class ActivationStore:
             self.meta(template_id)  # raises UnknownTemplate / CacheCorrupt
             with self._lock:
                 known = self._templates[template_id]
-        steps, stored = known
-        return TemplateCache(self, template_id, steps, stored)
+        steps, _kept = known
+        return TemplateCache(self, template_id, steps)
 
     # -- loading -------------------------------------------------------------------
     def _fetch(self, key: StepKey) -> Future[StepKV]:
@@ -209,10 +208,10 @@ class ActivationStore:
             if self.disk is None:
                 raise UnknownTemplate(f"template {template_id} was evicted from the host cache; register it again")
             with self._lock:
-                stored = self._templates.get(template_id, (0, None))[1]
+                kept = self._templates.get(template_id, (0, None))[1]
             started = time.perf_counter()
             try:
-                entry = StepKV.from_tensors(self.disk.read_step(template_id, step), stored)
+                entry = StepKV.from_tensors(self.disk.read_step(template_id, step), kept)
             except CacheCorrupt:
                 with self._lock:
                     first = template_id in self._templates  # not yet discarded by another load
@@ -253,12 +252,6 @@ class ActivationStore:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _num_tokens(recording: TemplateActivations) -> int:
-    step, row, site = recording.keys()[0]
-    key, _ = recording.get(step, row, site)
-    return int(key.shape[recording.token_dims[site]])
-
-
 class TemplateCache:
     """One request's view of a template's cache: fetches ahead, pins what it holds.
 
@@ -267,9 +260,8 @@ class TemplateCache:
     :meth:`release` when the request leaves (finished, failed or cancelled).
     """
 
-    def __init__(self, store: ActivationStore, template_id: str, steps: int, token_index: torch.Tensor | None) -> None:
+    def __init__(self, store: ActivationStore, template_id: str, steps: int) -> None:
         self.store, self.template_id, self.steps = store, template_id, steps
-        self.token_index = token_index
         self._lock = threading.RLock()  # a fetch already done runs its callback at once
         self._pending: dict[int, Future[StepKV]] = {}
         self._held: dict[int, StepKV] = {}  # pinned entries

@@ -3,8 +3,15 @@
 from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
 from .flux import FluxFillFamily, FluxInpaintFamily
 from .sd3 import SD3InpaintFamily
+from .unet import SDInpaintFamily, SDXLInpaintFamily, UNetInpaintFamily
 
-FAMILIES: tuple[type[Family], ...] = (FluxFillFamily, FluxInpaintFamily, SD3InpaintFamily)
+FAMILIES: tuple[type[Family], ...] = (
+    FluxFillFamily,
+    FluxInpaintFamily,
+    SD3InpaintFamily,
+    SDXLInpaintFamily,
+    SDInpaintFamily,
+)
 
 __all__ = [
     "FAMILIES",
@@ -15,5 +22,8 @@ __all__ = [
     "LatentInputs",
     "ModelInputs",
     "SD3InpaintFamily",
+    "SDInpaintFamily",
+    "SDXLInpaintFamily",
     "TextEmbeddings",
+    "UNetInpaintFamily",
 ]

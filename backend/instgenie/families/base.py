@@ -75,6 +75,13 @@ class LatentInputs:
     blend_mask: torch.Tensor | None = None
     generator_state: torch.Tensor | None = None
 
+    def generator(self) -> torch.Generator:
+        """The seed generator where these inputs left it (a reuse continues the stock sequence)."""
+        assert self.generator_state is not None, "these inputs kept no generator state"
+        generator = torch.Generator("cpu")
+        generator.set_state(self.generator_state)
+        return generator
+
     def select(self, token_index: torch.Tensor) -> "LatentInputs":
         """The same inputs restricted to the tokens ``token_index``."""
 
@@ -104,6 +111,19 @@ class ModelInputs:
     grid: tuple[int, int]  # token grid (rows, cols) shared by the batch
 
 
+def vae_input(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Denoised spatial latents -> the VAE decoder's input, as each pipeline unscales them:
+    scaling and shift (FLUX, SD3), per-channel mean and std (SDXL VAEs that declare them),
+    or scaling alone (SD 1.5 / 2)."""
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return latents * std / config.scaling_factor + mean
+    return latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+
+
 class Family(ABC):
     """Adapter between the engine and one diffusers pipeline class."""
 
@@ -116,14 +136,20 @@ class Family(ABC):
     #: Whether ``prepare_latents`` runs the VAE even when it reuses a template's inputs
     #: (FluxFill encodes each edit's masked image), so it belongs off the loop's process.
     encodes_on_reuse: ClassVar[bool] = False
+    #: Whether the denoiser reads every latent token at every step (a UNet's
+    #: convolutions do): a cached row then carries its template's latents at this step
+    #: wherever it computes nothing, and only the denoiser's attention levels gather.
+    reads_every_token: ClassVar[bool] = False
     default_steps: ClassVar[int] = 28
     default_guidance: ClassVar[float] = 3.5
+    #: The pipeline component that denoises (``pipe.transformer``, ``pipe.unet``).
+    denoiser_name: ClassVar[str] = "transformer"
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
-        self.transformer = pipe.transformer
+        self.denoiser = getattr(pipe, self.denoiser_name)
         # Pipeline helpers read ``pipe.scheduler``; each request owns a scheduler copy
         # (diffusers schedulers keep one global step index), swapped in under a lock.
         self._pipeline_lock = threading.RLock()
@@ -142,12 +168,12 @@ class Family(ABC):
     def uninstall(self) -> None:
         """Hand the pipeline back untouched: stock attention processors, no InstGenIE hooks
         (every adapter sharing the pipeline stops working)."""
-        uninstall(self.transformer)
+        uninstall(self.denoiser)
 
     @property
     @abstractmethod
     def blocks(self) -> list[torch.nn.Module]:
-        """The transformer's blocks in call order: the planner's unit of load-or-recompute."""
+        """The denoiser's blocks in call order: the planner's unit of load-or-recompute."""
 
     def sites_before(self, block: int) -> int:
         """Attention sites (numbered in call order) of the blocks before ``block``."""
@@ -157,6 +183,10 @@ class Family(ABC):
                 offsets.append(offsets[-1] + sum(1 for m in b.modules() if hasattr(m, "set_processor")))
             self._site_offsets = offsets
         return self._site_offsets[block]
+
+    def site_grids(self, grid: tuple[int, int]) -> list[tuple[int, int]]:
+        """The token grid each cache site works on, for a request on ``grid``."""
+        return [grid] * self.num_sites
 
     # -- geometry ----------------------------------------------------------
     def grid(self, settings: GenerationSettings) -> tuple[int, int]:
@@ -215,6 +245,12 @@ class Family(ABC):
         """
 
     # -- the step (on the step loop) -----------------------------------------
+    def model_tokens(
+        self, scheduler: Any, timestep: torch.Tensor, latents: torch.Tensor, condition: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One row's denoiser input ``[M, C_in]`` at ``timestep``: its latents, then its condition."""
+        return latents if condition is None else torch.cat([latents, condition], dim=-1)
+
     @abstractmethod
     def predict(self, inputs: ModelInputs) -> torch.Tensor:
         """One masked transformer call: the model output ``[B, L, C]`` of each row's tokens."""

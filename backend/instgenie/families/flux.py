@@ -16,7 +16,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from PIL import Image
 
 from ..attention import MaskedFluxAttnProcessor, TokenBatch, install_block_hooks, install_masked_processors
-from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
+from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings, vae_input
 
 
 class FluxFamily(Family):
@@ -30,11 +30,11 @@ class FluxFamily(Family):
 
     def install_processors(self) -> int:
         install_block_hooks(self.blocks)
-        return install_masked_processors(self.transformer, MaskedFluxAttnProcessor)
+        return install_masked_processors(self.denoiser, MaskedFluxAttnProcessor)
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
-        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+        return [*self.denoiser.transformer_blocks, *self.denoiser.single_transformer_blocks]
 
     @property
     def latent_channels(self) -> int:
@@ -72,7 +72,7 @@ class FluxFamily(Family):
             img_ids = self.pipe._prepare_latent_image_ids(1, rows, cols, self.device, self.dtype)
             txt_ids = torch.zeros(text_len, 3, device=self.device, dtype=self.dtype)
             with torch.no_grad():
-                self._rotary_tables[key] = self.transformer.pos_embed(torch.cat([txt_ids, img_ids]))
+                self._rotary_tables[key] = self.denoiser.pos_embed(torch.cat([txt_ids, img_ids]))
         return self._rotary_tables[key]
 
     def _set_rotary(self, batch: TokenBatch, grid: tuple[int, int]) -> None:
@@ -91,10 +91,10 @@ class FluxFamily(Family):
         # ``img_ids`` only needs the right length.
         img_ids = torch.zeros(inputs.tokens.shape[1], 3, device=self.device, dtype=self.dtype)
         txt_ids = torch.zeros(text_len, 3, device=self.device, dtype=self.dtype)
-        guidance = inputs.guidance if self.transformer.config.guidance_embeds else None
+        guidance = inputs.guidance if self.denoiser.config.guidance_embeds else None
         self._set_rotary(batch, inputs.grid)
         with torch.no_grad():
-            return self.transformer(
+            return self.denoiser(
                 hidden_states=inputs.tokens,
                 timestep=inputs.timesteps.to(inputs.tokens.dtype) / 1000,
                 guidance=guidance,
@@ -134,7 +134,7 @@ class FluxFamily(Family):
     def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
         vae = self.pipe.vae
         spatial = self.pipe._unpack_latents(latents, settings.height, settings.width, self.pipe.vae_scale_factor)
-        spatial = spatial / vae.config.scaling_factor + vae.config.shift_factor
+        spatial = vae_input(vae, spatial)
         with torch.no_grad():
             decoded = vae.decode(spatial.to(vae.dtype), return_dict=False)[0]
         return self.postprocess(decoded)
@@ -162,9 +162,7 @@ class FluxFillFamily(FluxFamily):
         reuse: LatentInputs | None,
     ) -> LatentInputs:
         if reuse is not None:
-            latents = reuse.latents
-            generator = torch.Generator("cpu")
-            generator.set_state(reuse.generator_state)
+            latents, generator = reuse.latents, reuse.generator()
         else:
             latents, _, _, generator = self._noise_and_image_latents(image, settings, scheduler, timesteps)
         generator_state = generator.get_state()

@@ -19,7 +19,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint 
 from PIL import Image
 
 from ..attention import HOOK_PREFIX, MaskedJointAttnProcessor, TokenBatch, install_block_hooks, install_hook, install_masked_processors
-from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings
+from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings, vae_input
 
 
 class SD3InpaintFamily(Family):
@@ -31,20 +31,20 @@ class SD3InpaintFamily(Family):
         self._active: TokenBatch | None = None
         self._captured: torch.Tensor | None = None
         super().__init__(pipe, device, dtype)
-        self.patch = int(self.transformer.config.patch_size)
+        self.patch = int(self.denoiser.config.patch_size)
 
     # -- hooks -------------------------------------------------------------
     def install_processors(self) -> int:
         # One pair of hooks per transformer, dispatching to the adapter that is predicting
         # (several adapters may share one pipeline; stock calls have none and pass through).
-        self._keep = install_hook(self.transformer.pos_embed, _KEEP_HOOK, _PredictingAdapterHook("_keep_computed_tokens"))
-        self._capture = install_hook(self.transformer.proj_out, _CAPTURE_HOOK, _PredictingAdapterHook("_capture_output"))
+        self._keep = install_hook(self.denoiser.pos_embed, _KEEP_HOOK, _PredictingAdapterHook("_keep_computed_tokens"))
+        self._capture = install_hook(self.denoiser.proj_out, _CAPTURE_HOOK, _PredictingAdapterHook("_capture_output"))
         install_block_hooks(self.blocks)
-        return install_masked_processors(self.transformer, MaskedJointAttnProcessor)
+        return install_masked_processors(self.denoiser, MaskedJointAttnProcessor)
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
-        return list(self.transformer.transformer_blocks)
+        return list(self.denoiser.transformer_blocks)
 
     def _keep_computed_tokens(self, output: torch.Tensor) -> torch.Tensor | None:
         if self._active is None:
@@ -155,7 +155,7 @@ class SD3InpaintFamily(Family):
         self._keep.adapter = self._capture.adapter = self
         try:
             with torch.no_grad():
-                self.transformer(
+                self.denoiser(
                     hidden_states=spatial,
                     timestep=inputs.timesteps,
                     encoder_hidden_states=inputs.prompt_embeds,
@@ -173,7 +173,7 @@ class SD3InpaintFamily(Family):
     def decode(self, latents: torch.Tensor, settings: GenerationSettings) -> Image.Image:
         vae = self.pipe.vae
         spatial = self.to_spatial(latents, self.grid(settings))
-        spatial = spatial / vae.config.scaling_factor + vae.config.shift_factor
+        spatial = vae_input(vae, spatial)
         with torch.no_grad():
             decoded = vae.decode(spatial.to(vae.dtype), return_dict=False)[0]
         return self.postprocess(decoded)
