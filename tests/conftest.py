@@ -23,13 +23,33 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {family: make_model(family, root / family, size="tiny") for family in FAMILIES}
 
 
+#: Every family, and the UNets again with design (c), sparse convolutions ("+c").
+VARIANTS = (*FAMILIES, "sdxl-inpaint+c", "sd-inpaint+c")
+
+
+def family_of(variant: str) -> str:
+    """The model family of an engine variant (its model folder)."""
+    return variant.split("+")[0]
+
+
+def options_of(variant: str) -> dict[str, object]:
+    return {"sparse_convs": True} if variant.endswith("+c") else {}
+
+
 @pytest.fixture(scope="session")
 def engines(model_dirs: dict[str, Path]) -> dict[str, Engine]:
-    return {family: Engine.from_pretrained(str(path), max_sequence_length=TEXT_LEN) for family, path in model_dirs.items()}
+    """One engine per variant; a "+c" one loads its own pipeline (hooks differ by design)."""
+    return {
+        variant: Engine.from_pretrained(
+            str(model_dirs[family_of(variant)]), max_sequence_length=TEXT_LEN, family_options=options_of(variant)
+        )
+        for variant in VARIANTS
+    }
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=VARIANTS)
 def family(request: pytest.FixtureRequest) -> str:
+    """An engine variant: a family, or a UNet family with sparse convolutions ("+c")."""
     return request.param
 
 
@@ -48,6 +68,7 @@ def engine_over(base: Engine, **store: object) -> Engine:
         base.model_fingerprint,
         max_sequence_length=TEXT_LEN,
         store=ActivationStore(base.model_fingerprint, **store),  # type: ignore[arg-type]
+        family_options=base.family.options,
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SIZE, TEXT_LEN, png, rect_mask, template_image
+from conftest import SIZE, TEXT_LEN, family_of, png, rect_mask, template_image
 from instgenie import Engine, EngineLimits, InstGenIEError
 from instgenie.baseline import BaselinePipeline
 from instgenie.families import FluxFillFamily
@@ -33,7 +33,7 @@ def baselines(model_dirs: dict[str, Path]) -> dict[str, BaselinePipeline]:
 
 @pytest.fixture
 def baseline(baselines: dict[str, BaselinePipeline], family: str) -> BaselinePipeline:
-    return baselines[family]
+    return baselines[family_of(family)]
 
 
 def edit(request_id: str, image_seed: int, mask_seed: int, **kwargs: Any) -> EditRequest:

@@ -181,8 +181,9 @@ def test_corrupted_cache_entry_changes_the_result(engine: Engine) -> None:
     mask = png(rect_mask(0.25, seed=8))
     record = engine.register_template(png(template_image(8)), "a lamp", seed=3, steps=STEPS, mask=mask)
     full = engine.edit(mask, "a lamp", template_id=record.template_id, full_compute=True)
-    key, _ = engine.store.host.get((record.template_id, 0)).kv[(0, 0)]  # step 0, row 0, site 0
-    key.add_(torch.randn_like(key))
+    for (row, _site), tensors in engine.store.host.get((record.template_id, 0)).kv.items():  # step 0
+        if row == 0:
+            tensors[0].add_(torch.randn_like(tensors[0]))  # K, an attention input or an output
 
     corrupted = engine.edit(mask, "a lamp", template_id=record.template_id)
 

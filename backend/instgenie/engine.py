@@ -58,10 +58,16 @@ class Engine:
         limits: EngineLimits = EngineLimits(),
         store: ActivationStore | None = None,
         costs: CostModel | None = None,
+        family_options: dict[str, Any] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.family = family_cls(pipe, self.device, dtype)
+        try:
+            self.family = family_cls(pipe, self.device, dtype, **(family_options or {}))
+        except TypeError as error:
+            if not family_options:
+                raise
+            raise InvalidInput(f"{family_cls.__name__} takes none of the options {sorted(family_options)}: {error}") from None
         self.model_fingerprint = model_fingerprint
         self.max_sequence_length = max_sequence_length
         self.limits = limits
@@ -84,12 +90,15 @@ class Engine:
         limits: EngineLimits = EngineLimits(),
         cache: dict[str, Any] | None = None,
         costs: CostModel | None = None,
+        family_options: dict[str, Any] | None = None,
     ) -> "Engine":
         """Load a diffusers pipeline folder (tiny or real checkpoint).
 
         ``cache``: keyword arguments of :class:`~instgenie.cache.ActivationStore`
         (``mode``, ``host_budget_bytes``, ``disk_dir``, ...); default host memory only.
         ``costs``: the loading planner's cost model (``instgenie profile``).
+        ``family_options``: keyword arguments of the family adapter (the UNets'
+        ``sparse_convs``).
         """
         pipe, family_cls, fingerprint = load_pipeline(model_dir, device, dtype)
         store = None
@@ -105,6 +114,7 @@ class Engine:
             limits=limits,
             store=store,
             costs=costs,
+            family_options=family_options,
         )
 
     def use_codec(self, codec: Codec) -> None:

@@ -43,6 +43,7 @@ from .attention import (
     install_hook,
 )
 from .masking import pool_token_index
+from .sparse_convs import SPARSE_CONV_HOOK, CallSlot, SparseConv, check_sparse_conv
 
 __all__ = ["UNetCall", "install_unet_levels", "level_grid", "unet_levels"]
 
@@ -70,16 +71,20 @@ class UNetCall:
         dense = batch.all_dense or index < batch.full_blocks
         key = (*grid, dense)
         if key not in self._levels:
-            if grid not in self._row_tokens:
-                self._row_tokens[grid] = [pool_token_index(row.token_index, self.grid, grid) for row in batch.rows]
             rows = [
                 TokenRow(token_index=tokens, cached=row.cached, recorder=row.recorder)
-                for row, tokens in zip(batch.rows, self._row_tokens[grid])
+                for row, tokens in zip(batch.rows, self.row_tokens(grid))
             ]
             # A dense level of a cached call is a one-block "prefix": every token, no cache read.
             self._levels[key] = TokenBatch(rows, num_tokens=grid[0] * grid[1], text_len=0, full_blocks=int(dense))
         self.current = self._levels[key]
         return self.current
+
+    def row_tokens(self, grid: tuple[int, int]) -> list[torch.Tensor]:
+        """Each row's computed tokens on a ``grid`` of the UNet (the latent ones max-pooled)."""
+        if grid not in self._row_tokens:
+            self._row_tokens[grid] = [pool_token_index(row.token_index, self.grid, grid) for row in self.batch.rows]
+        return self._row_tokens[grid]
 
 
 class _Level(ModelHook):
@@ -192,22 +197,51 @@ class MaskedUNetAttnProcessor(MaskedProcessor):
 
 def unet_levels(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """The UNet's attention levels (``Transformer2DModel``) in call order: down, mid, up."""
-    return [level for level, _ in _levels_with_depth(unet)]
+    return [module for module, kind, _ in _units(unet) if kind == "level"]
 
 
-def _levels_with_depth(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
-    """Each attention level in call order with the number of 2x downsamplings before it."""
-    levels: list[tuple[torch.nn.Module, int]] = []
+def _units(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, int]]:
+    """``(module, kind, depth)`` of the UNet's ResNets, attention levels and samplers in
+    call order (kind ``resnet``, ``level`` or ``sampler``); ``depth``: 2x downsamplings
+    before the module's output grid."""
+    units: list[tuple[torch.nn.Module, str, int]] = []
     depth = 0
+
+    def block_units(block: torch.nn.Module) -> None:
+        attentions = getattr(block, "attentions", None) or []
+        for i, resnet in enumerate(block.resnets):
+            units.append((resnet, "resnet", depth))
+            if i < len(attentions):
+                units.append((attentions[i], "level", depth))
+
     for block in unet.down_blocks:
-        levels += [(level, depth) for level in getattr(block, "attentions", None) or []]
-        depth += bool(getattr(block, "downsamplers", None))
-    if unet.mid_block is not None:
-        levels += [(level, depth) for level in getattr(unet.mid_block, "attentions", None) or []]
+        block_units(block)
+        for sampler in getattr(block, "downsamplers", None) or []:
+            depth += 1
+            units.append((sampler, "sampler", depth))
+    mid = unet.mid_block
+    if mid is not None:  # resnet, then (attention, resnet) pairs
+        units.append((mid.resnets[0], "resnet", depth))
+        for attention, resnet in zip(getattr(mid, "attentions", None) or [], mid.resnets[1:]):
+            units += [(attention, "level", depth), (resnet, "resnet", depth)]
     for block in unet.up_blocks:
-        levels += [(level, depth) for level in getattr(block, "attentions", None) or []]
-        depth -= bool(getattr(block, "upsamplers", None))
-    return levels
+        block_units(block)
+        for sampler in getattr(block, "upsamplers", None) or []:
+            depth -= 1
+            units.append((sampler, "sampler", depth))
+    return units
+
+
+def _unit_convolutions(module: torch.nn.Module, kind: str) -> list[torch.nn.Module]:
+    """A ResNet's or sampler's convolutions in call order."""
+    if kind == "resnet":
+        if module.upsample is not None or module.downsample is not None:
+            raise TypeError("sparse convolutions do not take ResNets that resample")
+        return [conv for conv in (module.conv1, module.conv2, module.conv_shortcut) if conv is not None]
+    conv = getattr(module, "conv", None)
+    if conv is None or getattr(module, "norm", None) is not None:
+        raise TypeError(f"sparse convolutions need a plain convolutional sampler, got {type(module).__name__}")
+    return [conv]
 
 
 def level_grid(grid: tuple[int, int], depth: int) -> tuple[int, int]:
@@ -218,46 +252,78 @@ def level_grid(grid: tuple[int, int], depth: int) -> tuple[int, int]:
     return rows, cols
 
 
-def install_unet_levels(unet: torch.nn.Module) -> tuple[list[int], list[int]]:
-    """Make every attention level of ``unet`` mask-aware.
+def install_unet_levels(unet: torch.nn.Module, sparse_convs: bool = False) -> tuple[list[int], list[int], CallSlot]:
+    """Make every attention level of ``unet`` mask-aware, and with ``sparse_convs`` every
+    convolution of its ResNets and samplers (:mod:`instgenie.sparse_convs`).
 
-    Returns ``(offsets, depths)``: ``offsets[i]`` sites come before level ``i`` (the
-    last entry is the number of sites), and ``depths[site]`` is the number of
-    downsamplings before each site's level (:func:`level_grid`). Installed once: a
-    second call finds the hooks in place and numbers the same sites.
+    Cache sites are numbered in call order. Returns ``(offsets, depths, slot)``:
+    ``offsets[i]`` sites come before what level ``i``'s recomputed prefix leaves
+    cached (the last entry is the number of sites), ``depths[site]`` the 2x
+    downsamplings before each site's grid (:func:`level_grid`), and the slot a call
+    must be put in while it runs (for the convolutions, which receive no call
+    arguments). Installed once: a second call finds the hooks in place.
     """
     processors = unet.attn_processors
     if not any(isinstance(p, MaskedProcessor) for p in processors.values()):
         install_hook(unet, STOCK_PROCESSORS_HOOK, StockProcessors(processors))
+    holder = install_hook(unet, CALL_SLOT_HOOK, _SlotHolder(sparse_convs))
+    if holder.sparse_convs != sparse_convs:
+        raise ValueError(
+            f"this UNet is already mask-aware with sparse_convs={holder.sparse_convs}; "
+            "adapters sharing a pipeline must use one design"
+        )
+    slot = holder.slot
     assigned: dict[str, Any] = {}
     names = {module: name for name, module in unet.named_modules()}
-    offsets = [0]
+    offsets: list[int] = []
     depths: list[int] = []
-    site = 0
-    for index, (level, depth) in enumerate(_levels_with_depth(unet)):
-        if getattr(level, "is_input_continuous", True) is not True:
+    level = 0
+    for module, kind, depth in _units(unet):
+        if kind != "level":
+            if sparse_convs:
+                for conv in _unit_convolutions(module, kind):
+                    check_sparse_conv(conv)
+                    if len(offsets) == level:  # the first site a prefix of `level` levels leaves cached
+                        offsets.append(len(depths))
+                    install_hook(conv, SPARSE_CONV_HOOK, SparseConv(len(depths), level, slot))
+                    depths.append(depth)
+            continue
+        if getattr(module, "is_input_continuous", True) is not True:
             raise TypeError("only continuous-input attention levels (UNet Transformer2DModel) can be masked")
-        for block in level.transformer_blocks:
+        if len(offsets) == level:
+            offsets.append(len(depths))
+        for block in module.transformer_blocks:
             if block.only_cross_attention or getattr(block, "pos_embed", None) is not None:
                 raise TypeError("masked UNet levels need self-attention blocks without positional embeddings")
-            processor = MaskedUNetAttnProcessor(site)
+            processor = MaskedUNetAttnProcessor(len(depths))
             assigned[names[block.attn1] + ".processor"] = processor
             if block.attn2 is not None:
                 assigned[names[block.attn2] + ".processor"] = processor
-            site += 1
-        output_site = site
-        site += 1
-        depths += [depth] * (site - offsets[-1])
-        hook = install_hook(level, LEVEL_HOOK, _Level(index, output_site))
-        if level.use_linear_projection:
-            enter, leave = level.proj_in, level.proj_out
+            depths.append(depth)
+        hook = install_hook(module, LEVEL_HOOK, _Level(level, len(depths)))
+        depths.append(depth)  # the level's output site
+        if module.use_linear_projection:
+            enter, leave = module.proj_in, module.proj_out
         else:
-            enter, leave = level.transformer_blocks[0], level.transformer_blocks[-1]
+            enter, leave = module.transformer_blocks[0], module.transformer_blocks[-1]
         install_hook(enter, GATHER_HOOK, _Gather(hook))
         install_hook(leave, SCATTER_HOOK, _Scatter(hook))
-        offsets.append(site)
+        level += 1
+    offsets.append(len(depths))
     unknown = sorted(set(processors) - set(assigned))
     if unknown:
         raise TypeError(f"attention outside the UNet's attention levels cannot be masked: {unknown[:3]}")
     unet.set_attn_processor(assigned)
-    return offsets, depths
+    return offsets, depths, slot
+
+
+CALL_SLOT_HOOK = HOOK_PREFIX + "unet_call_slot"
+
+
+class _SlotHolder(ModelHook):
+    """Keeps a UNet's :class:`CallSlot` where a second install finds it."""
+
+    def __init__(self, sparse_convs: bool) -> None:
+        super().__init__()
+        self.slot = CallSlot()
+        self.sparse_convs = sparse_convs

@@ -136,19 +136,23 @@ class _TransformerSize:
     flux_single_blocks: int
     flux_rope_axes: tuple[int, int, int]
     sd3_blocks: int
-    unet_channels: tuple[int, int, int]
+    sd_channels: tuple[int, ...]  # SD 1.5 / 2: attention at every level but the coarsest
+    sdxl_channels: tuple[int, int, int]  # SDXL: no attention at the finest level
+    sdxl_depths: tuple[int, int, int]  # SDXL's transformer blocks per attention level (real: 1, 2, 10)
+    unet_layers: int  # ResNets (and attention levels) per down block
     unet_groups: int
-    sdxl_deep_blocks: int  # transformer blocks per attention level at SDXL's coarsest level
 
 
 _SIZE_SPECS: dict[str, _TransformerSize] = {
     "tiny": _TransformerSize(
         heads=4, head_dim=16, flux_double_blocks=2, flux_single_blocks=4, flux_rope_axes=(4, 6, 6), sd3_blocks=6,
-        unet_channels=(32, 64, 64), unet_groups=8, sdxl_deep_blocks=2,
+        sd_channels=(32, 64, 64), sdxl_channels=(32, 64, 64), sdxl_depths=(1, 1, 2), unet_layers=1, unet_groups=8,
     ),
     "small": _TransformerSize(
         heads=4, head_dim=64, flux_double_blocks=2, flux_single_blocks=4, flux_rope_axes=(16, 24, 24), sd3_blocks=4,
-        unet_channels=(64, 128, 256), unet_groups=32, sdxl_deep_blocks=4,
+        # The real block layouts (SD 1.5: four levels; SDXL: 2 and 10 blocks deep), a fifth as wide.
+        sd_channels=(64, 128, 256, 256), sdxl_channels=(64, 128, 256), sdxl_depths=(1, 2, 10), unet_layers=2,
+        unet_groups=32,
     ),
 }
 
@@ -389,26 +393,28 @@ def _sd3_inpaint(size: _TransformerSize, seed: int) -> StableDiffusion3InpaintPi
 def _unet(size: _TransformerSize, cross_attention_dim: int, sdxl: bool, seed: int) -> UNet2DConditionModel:
     """A 9-channel inpainting UNet with the real family's block layout, narrow.
 
-    SD 1.5: attention at the three finest levels, 1x1-convolution projections; SDXL:
-    no attention at the finest level, deeper attention below it, linear projections and
-    ``text_time`` additional embeddings (pooled text + 6 size ids).
+    SD 1.5: attention at every level but the coarsest, 1x1-convolution projections, 8
+    heads; SDXL: no attention at the finest level, deeper attention below it, linear
+    projections, head width 64 (16 tiny) and ``text_time`` additional embeddings
+    (pooled text + 6 size ids).
     """
-    widths = size.unet_channels
+    widths = size.sdxl_channels if sdxl else size.sd_channels
+    levels = len(widths)
     common = dict(
         sample_size=64,
         in_channels=9,
         out_channels=_SD_LATENT_CHANNELS,
         block_out_channels=widths,
+        layers_per_block=size.unet_layers,
         norm_num_groups=size.unet_groups,
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=tuple(width // size.head_dim for width in widths) if sdxl else size.heads,
     )
     if sdxl:
         unet = UNet2DConditionModel(
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            layers_per_block=2,
-            transformer_layers_per_block=(1, 1, size.sdxl_deep_blocks),
+            transformer_layers_per_block=size.sdxl_depths,
+            attention_head_dim=tuple(width // size.head_dim for width in widths),
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
@@ -417,9 +423,9 @@ def _unet(size: _TransformerSize, cross_attention_dim: int, sdxl: bool, seed: in
         )
     else:
         unet = UNet2DConditionModel(
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            attention_head_dim=8,
             use_linear_projection=False,
             **common,
         )

@@ -165,6 +165,12 @@ class Family(ABC):
     def install_processors(self) -> int:
         """Install masked attention processors (and hooks); return the number of sites."""
 
+    @property
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments this adapter was made with (another adapter over the
+        same pipeline must take the same)."""
+        return {}
+
     def uninstall(self) -> None:
         """Hand the pipeline back untouched: stock attention processors, no InstGenIE hooks
         (every adapter sharing the pipeline stops working)."""

@@ -11,7 +11,7 @@ the template's latents at this step wherever it computes nothing
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import retrieve_timesteps
@@ -36,7 +36,13 @@ class UNetInpaintFamily(Family):
     default_steps = 50
     default_guidance = 7.5
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
+    #: Whether design (c) (sparse ResNets) is on when the model does not say.
+    default_sparse_convs: ClassVar[bool] = False
+
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, sparse_convs: bool | None = None) -> None:
+        """``sparse_convs``: design (c), convolutions that compute only the mask's tiles
+        (:mod:`instgenie.sparse_convs`); ``None``: the family's default."""
+        self.sparse_convs = self.default_sparse_convs if sparse_convs is None else bool(sparse_convs)
         channels = int(pipe.unet.config.in_channels)
         if channels != _INPAINT_CHANNELS:
             raise UnsupportedModel(
@@ -50,8 +56,12 @@ class UNetInpaintFamily(Family):
         super().__init__(pipe, device, dtype)
 
     # -- setup -------------------------------------------------------------
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"sparse_convs": self.sparse_convs}
+
     def install_processors(self) -> int:
-        self._site_offsets, self._site_depths = install_unet_levels(self.denoiser)
+        self._site_offsets, self._site_depths, self._call_slot = install_unet_levels(self.denoiser, self.sparse_convs)
         return self._site_offsets[-1]
 
     def site_grids(self, grid: tuple[int, int]) -> list[tuple[int, int]]:
@@ -149,15 +159,22 @@ class UNetInpaintFamily(Family):
     def predict(self, inputs: ModelInputs) -> torch.Tensor:
         batch = inputs.batch
         spatial = self.to_spatial(inputs.tokens, inputs.grid)
-        with torch.no_grad():
-            output = self.denoiser(
-                spatial,
-                inputs.timesteps,
-                encoder_hidden_states=inputs.prompt_embeds,
-                added_cond_kwargs=self.added_conditions(inputs),
-                cross_attention_kwargs={"token_batch": UNetCall(batch, inputs.grid)},
-                return_dict=False,
-            )[0]
+        call = UNetCall(batch, inputs.grid)
+        # Several adapters may share one pipeline (each with its own hooks' settings);
+        # only this one's convolutions read the call.
+        self._call_slot.call = call if self.sparse_convs else None
+        try:
+            with torch.no_grad():
+                output = self.denoiser(
+                    spatial,
+                    inputs.timesteps,
+                    encoder_hidden_states=inputs.prompt_embeds,
+                    added_cond_kwargs=self.added_conditions(inputs),
+                    cross_attention_kwargs={"token_batch": call},
+                    return_dict=False,
+                )[0]
+        finally:
+            self._call_slot.call = None
         return batch.gather(self.to_tokens(output))
 
     # -- finishing -----------------------------------------------------------
@@ -192,8 +209,8 @@ class SDXLInpaintFamily(UNetInpaintFamily):
 
     pipeline_classes = ("StableDiffusionXLInpaintPipeline",)
 
-    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(pipe, device, dtype)
+    def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, sparse_convs: bool | None = None) -> None:
+        super().__init__(pipe, device, dtype, sparse_convs)
         self._time_ids: dict[tuple[int, int], torch.Tensor] = {}
 
     def _encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings:
