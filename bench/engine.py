@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from instgenie import Engine, RequestState
+from instgenie.loading import family_class, pipeline_class_name
 from instgenie.tiny import FAMILIES, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,56 +106,67 @@ def main(argv: list[str] | None = None) -> int:
     mixed = [float(r) for r in args.mixed_ratios.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or make_model(args.family, Path(tmp) / "model", size=args.size)
-        engine = Engine.from_pretrained(str(model_dir), max_sequence_length=args.text_len)
-        record = engine.register_template(template(args.resolution), "a photo of a room", seed=0, steps=args.steps)
-        print(f"template recorded: {record.activations.nbytes / 2**20:.0f} MiB of K/V for {args.steps} steps")
-
+        model_dir = str(args.model or make_model(args.family, Path(tmp) / "model", size=args.size))
+        unet = family_class(pipeline_class_name(Path(model_dir))).reads_every_token
+        # The UNets run both designs side by side, each over its own pipeline (hooks differ).
+        designs = {"b": {"sparse_convs": False}, "c": {"sparse_convs": True}} if unet else {"masked-attention": {}}
+        engines = {
+            design: Engine.from_pretrained(model_dir, max_sequence_length=args.text_len, family_options=options)
+            for design, options in designs.items()
+        }
+        records = {
+            design: engine.register_template(template(args.resolution), "a photo of a room", seed=0, steps=args.steps)
+            for design, engine in engines.items()
+        }
+        primary = next(iter(engines))
+        engine, record = engines[primary], records[primary]
+        print(f"template recorded: {record.activations.nbytes / 2**20:.0f} MiB of cache for {args.steps} steps ({primary})")
         token = engine.family.pixels_per_token
 
-        def edit(ratio: float, offset: int = 0, full: bool = False) -> RequestState:
-            return engine.prepare_edit(
-                mask(args.resolution, ratio, token, offset), "a red sofa", template_id=record.template_id, full_compute=full
-            )
+        def edit(design: str, ratio: float, offset: int = 0, full: bool = False) -> RequestState:
+            return engines[design].prepare_edit(
+                mask(args.resolution, ratio, token, offset), "a red sofa", template_id=records[design].template_id,
+                full_compute=full,
+            )  # fmt: skip
 
-        full_state = edit(1.0, full=True)
-        masked_states = {r: edit(r) for r in ratios}
-        mixed_states = [edit(r, offset=i + 1) for i, r in enumerate(mixed)]
-        calls: dict[str, list[RequestState]] = {"full": [full_state], "mixed": mixed_states}
-        calls.update({f"masked {r}": [s] for r, s in masked_states.items()})
-        calls.update({f"alone {i}": [s] for i, s in enumerate(mixed_states)})
-        inputs = {name: engine.model_inputs(states) for name, states in calls.items()}
+        full_state = edit(primary, 1.0, full=True)
+        masked_states = {(d, r): edit(d, r) for d in engines for r in ratios}
+        mixed_states = [edit(primary, r, offset=i + 1) for i, r in enumerate(mixed)]
+        calls: dict[str, tuple[str, list[RequestState]]] = {"full": (primary, [full_state]), "mixed": (primary, mixed_states)}
+        calls.update({f"{d} masked {r}": (d, [s]) for (d, r), s in masked_states.items()})
+        calls.update({f"alone {i}": (primary, [s]) for i, s in enumerate(mixed_states)})
+        inputs = {name: (engines[d], engines[d].model_inputs(states)) for name, (d, states) in calls.items()}
 
-        for name in inputs:  # warm-up
-            engine.family.predict(inputs[name])
+        for owner, model_inputs in inputs.values():  # warm-up
+            owner.family.predict(model_inputs)
         samples: dict[str, list[float]] = {name: [] for name in inputs}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
-            for name, model_inputs in inputs.items():
-                samples[name].append(timed(lambda inputs=model_inputs: engine.family.predict(inputs)))
+            for name, (owner, model_inputs) in inputs.items():
+                samples[name].append(timed(lambda owner=owner, model_inputs=model_inputs: owner.family.predict(model_inputs)))
         median = {name: statistics.median(values) for name, values in samples.items()}
         full_flops = flops(engine, [full_state])
+        rows = []
+        for (design, r), state in masked_states.items():
+            rows.append(
+                {
+                    "design": design,
+                    "mask_ratio": r,
+                    "token_ratio": state.computed_tokens / state.num_tokens,
+                    "flop_fraction": flops(engines[design], [state]) / full_flops,
+                    "time_ratio": median[f"{design} masked {r}"] / median["full"],
+                }
+            )
         end_to_end = None
         if args.end_to_end is not None:
-            end_to_end = time_end_to_end(engine, args, token)
+            end_to_end = time_end_to_end(engines, args, token)
 
-    design = "b" if engine.family.reads_every_token else "masked-attention"
-    rows = []
-    for r, state in masked_states.items():
-        rows.append(
-            {
-                "design": design,
-                "mask_ratio": r,
-                "token_ratio": state.computed_tokens / state.num_tokens,
-                "flop_fraction": flops(engine, [state]) / full_flops,
-                "time_ratio": median[f"masked {r}"] / median["full"],
-            }
-        )
     alone_sum = sum(median[f"alone {i}"] for i in range(len(mixed)))
     mixed_row = {
+        "design": primary,
         "mask_ratios": mixed,
         "batch_over_sum_alone": median["mixed"] / alone_sum,
         "batch_over_full": median["mixed"] / median["full"],
-        "padded_tokens": int(inputs["mixed"].batch.padded_len),
+        "padded_tokens": int(inputs["mixed"][1].batch.padded_len),
         "computed_tokens": [s.computed_tokens for s in mixed_states],
     }
     meta = {
@@ -220,32 +232,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def time_end_to_end(engine: Engine, args: argparse.Namespace, token: int) -> dict:
-    """Whole edits at one mask ratio, interleaved: masked, the engine's full computation, stock diffusers."""
+def time_end_to_end(engines: dict[str, Engine], args: argparse.Namespace, token: int) -> dict:
+    """Whole edits at one mask ratio, interleaved: masked (each design), the engine's full
+    computation and the stock diffusers pipeline."""
     steps, ratio, resolution = args.end_to_end_steps, args.end_to_end, args.resolution
     image_png, mask_png = template(resolution), mask(resolution, ratio, token, offset=1)
     prompt = "a photo of a room"
-    record = engine.register_template(image_png, prompt, seed=0, steps=steps)
+    records = {d: e.register_template(image_png, prompt, seed=0, steps=steps) for d, e in engines.items()}
+    primary = next(iter(engines))
     image = Image.open(io.BytesIO(image_png)).convert("RGB")
     mask_image = Image.open(io.BytesIO(mask_png))
-    pipe = engine.family.pipe
+    pipe = engines[primary].family.pipe
     stock_kwargs = {"max_sequence_length": args.text_len} if "max_sequence_length" in pipe.__call__.__code__.co_varnames else {}
-
-    def masked() -> object:
-        return engine.edit(mask_png, prompt, template_id=record.template_id)
-
-    def full() -> object:
-        return engine.edit(mask_png, prompt, template_id=record.template_id, full_compute=True)
 
     def stock() -> object:
         # strength 1.0: SDXL inpaint's default 0.9999 drops a step.
         return pipe(
             prompt=prompt, image=image, mask_image=mask_image, height=resolution, width=resolution,
-            num_inference_steps=steps, guidance_scale=record.settings.guidance, strength=1.0,
+            num_inference_steps=steps, guidance_scale=records[primary].settings.guidance, strength=1.0,
             generator=torch.Generator().manual_seed(0), **stock_kwargs,
         ).images[0]  # fmt: skip
 
-    variants = {"masked": masked, "full": full, "stock": stock}
+    variants: dict[str, Callable[[], object]] = {
+        f"masked {d}": (lambda e=e, r=records[d]: e.edit(mask_png, prompt, template_id=r.template_id))
+        for d, e in engines.items()
+    }
+    variants["full"] = lambda: engines[primary].edit(mask_png, prompt, template_id=records[primary].template_id, full_compute=True)
+    variants["stock"] = stock
     for fn in variants.values():  # warm-up
         fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -256,22 +269,25 @@ def time_end_to_end(engine: Engine, args: argparse.Namespace, token: int) -> dic
     return {
         "mask_ratio": ratio,
         "steps": steps,
-        "repeats": len(samples["masked"]),
-        "stock_over_masked": median["stock"] / median["masked"],
-        "full_over_masked": median["full"] / median["masked"],
+        "repeats": len(samples["stock"]),
+        "stock_over_masked": {d: median["stock"] / median[f"masked {d}"] for d in engines},
+        "full_over_masked": {d: median["full"] / median[f"masked {d}"] for d in engines},
         "full_over_stock": median["full"] / median["stock"],
     }
 
 
 def end_to_end_table(result: dict) -> list[str]:
+    designs = list(result["stock_over_masked"])
     return [
         f"Whole edits at mask ratio {result['mask_ratio']} ({result['steps']} steps, {result['repeats']} interleaved "
         "repeats after a warm-up; text encoding, VAE, steps, decode and paste included):",
         "",
-        "| speed-up of the masked edit over | ratio |",
-        "|---|---:|",
-        f"| the stock diffusers pipeline | {result['stock_over_masked']:.2f}x |",
-        f"| the engine's full computation | {result['full_over_masked']:.2f}x |",
+        "| design | speed-up over the stock diffusers pipeline | over the engine's full computation |",
+        "|---|---:|---:|",
+        *[
+            f"| {d} | {result['stock_over_masked'][d]:.2f}x | {result['full_over_masked'][d]:.2f}x |"
+            for d in designs
+        ],
         "",
         f"The engine's full computation takes {result['full_over_stock']:.3f}x the stock pipeline's time.",
         "",

@@ -21,6 +21,7 @@ fallback), so an edit equal to its template is bit-exact on any CPU.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,14 +33,23 @@ from .attention import HOOK_PREFIX, TokenBatch
 if TYPE_CHECKING:
     from .masked_unet import UNetCall
 
-__all__ = ["CallSlot", "SparseConv", "SPARSE_CONV_HOOK", "TILE"]
+__all__ = ["CallSlot", "SparseConv", "SPARSE_CONV_HOOK", "tile_side"]
 
 log = logging.getLogger(__name__)
 
 SPARSE_CONV_HOOK = HOOK_PREFIX + "sparse_conv"
-#: Output tile side: small enough to follow a mask's outline, large enough that a
-#: tile's halo (1 pixel per side for 3x3) costs little.
-TILE = 8
+#: Output tiles per grid side, and the bounds of a tile's side: small enough to
+#: follow a mask's outline on the coarse grids, where most convolution FLOPs are, large
+#: enough that per-tile overheads (the halo read, one window copy) stay small.
+TILES_PER_SIDE = int(os.environ.get("INSTGENIE_TILES_PER_SIDE", "8"))
+MIN_TILE, MAX_TILE = int(os.environ.get("INSTGENIE_MIN_TILE", "4")), 8
+#: A tiles' bounding box is computed instead when it holds at most this many times their count.
+BOX_SLACK = float(os.environ.get("INSTGENIE_BOX_SLACK", "1.5"))
+
+
+def tile_side(grid: tuple[int, int]) -> int:
+    """The output tile side on a grid."""
+    return max(MIN_TILE, min(MAX_TILE, min(grid) // TILES_PER_SIDE))
 
 
 class CallSlot:
@@ -49,7 +59,7 @@ class CallSlot:
         self.call: UNetCall | None = None
 
 
-Tile = tuple[int, int, int, int]  # (row, col, rows, cols) on the output grid
+Window = tuple[int, int, int, int]  # (row, col, rows, cols) of output on the output grid
 
 
 class SparseConv(ModelHook):
@@ -65,7 +75,8 @@ class SparseConv(ModelHook):
     def __init__(self, site: int, level: int, slot: CallSlot) -> None:
         super().__init__()
         self.site, self.level, self.slot = site, level, slot
-        self._exact: dict[tuple, bool] = {}  # input shape -> tiles bitwise equal to dense here
+        # (input shape, window shape) -> whether a window is bitwise the dense output here
+        self._exact: dict[tuple, bool] = {}
 
     def new_forward(self, conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         dense_forward = self.fn_ref.original_forward
@@ -76,19 +87,20 @@ class SparseConv(ModelHook):
         if batch.all_dense or self.level < batch.full_blocks:
             return self._recorded(batch, dense_forward(x))
         grid = _output_grid(conv, x)
-        tiles = [_tiles(call.row_tokens(grid)[b], grid) if row.cached is not None else _all_tiles(grid)
-                 for b, row in enumerate(batch.rows)]  # fmt: skip
-        shape_key = (tuple(x.shape), x.dtype, x.device.type)
-        if x.device.type == "cpu" and shape_key not in self._exact:
-            self._exact[shape_key] = self._tiles_match_dense(conv, x, tiles, dense_forward)
-        if not self._exact.get(shape_key, True):
-            return self._recorded(batch, dense_forward(x))
-        computed = _convolve_tiles(conv, x, tiles)
+        windows = [_windows(call.row_tokens(grid)[b], grid) if row.cached is not None else [(0, 0, *grid)]
+                   for b, row in enumerate(batch.rows)]  # fmt: skip
+        if x.device.type == "cpu" and not self._windows_exact(conv, x, windows, dense_forward):
+            # The same windows, cut from the dense output: what a call computes must not
+            # depend on which windows its batch mates brought.
+            dense = dense_forward(x)
+            computed = [[dense[b, :, r : r + h, c : c + w] for (r, c, h, w) in row] for b, row in enumerate(windows)]
+        else:
+            computed = _convolve_windows(conv, x, windows)
         full = x.new_empty(x.shape[0], conv.out_channels, *grid)
         for b, row in enumerate(batch.rows):
             if row.cached is not None:
                 full[b] = _cached_map(row.cached.output(self.site), row.cached.stored_tokens(self.site), grid, full)
-            for (r, c, h, w), values in zip(tiles[b], computed[b]):
+            for (r, c, h, w), values in zip(windows[b], computed[b]):
                 full[b, :, r : r + h, c : c + w] = values
         return self._recorded(batch, full)
 
@@ -99,17 +111,22 @@ class SparseConv(ModelHook):
                     row.recorder.record_output(self.site, output[b].flatten(1).t())
         return output
 
-    def _tiles_match_dense(self, conv: torch.nn.Conv2d, x: torch.Tensor, tiles: list[list[Tile]], dense_forward: Any) -> bool:
-        dense = dense_forward(x)
-        computed = _convolve_tiles(conv, x, tiles)
-        exact = all(
-            torch.equal(values, dense[b, :, r : r + h, c : c + w])
-            for b in range(len(tiles))
-            for (r, c, h, w), values in zip(tiles[b], computed[b])
-        )
-        if not exact:
-            log.warning("tiled %s on %s is not bitwise the dense one on this CPU; it stays dense", conv, tuple(x.shape))
-        return exact
+    def _windows_exact(self, conv: torch.nn.Conv2d, x: torch.Tensor, windows: list[list[Window]], dense_forward: Any) -> bool:
+        """Whether every window shape of this call reproduces the dense convolution bit for bit
+        (checked once per input and window shape: kernels are chosen per shape)."""
+        shape = (tuple(x.shape), x.dtype)
+        unseen = {(h, w) for row in windows for (_, _, h, w) in row} - {key[1] for key in self._exact if key[0] == shape}
+        if unseen:
+            probe = [[next(window for row in windows for window in row if window[2:] == size)] for size in sorted(unseen)]
+            dense = dense_forward(x[:1])
+            computed = _convolve_windows(conv, x[:1].expand(len(probe), *x.shape[1:]), probe)
+            for size, row, values in zip(sorted(unseen), probe, computed):
+                (r, c, h, w), value = row[0], values[0]
+                exact = torch.equal(value, dense[0, :, r : r + h, c : c + w])
+                self._exact[(shape, size)] = exact
+                if not exact:
+                    log.warning("%s on %s windows of %s is not bitwise the dense one here; it stays dense", conv, size, shape[0])
+        return all(self._exact[(shape, (h, w))] for row in windows for (_, _, h, w) in row)
 
 
 def check_sparse_conv(conv: torch.nn.Module) -> None:
@@ -125,33 +142,35 @@ def _output_grid(conv: torch.nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
     return (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
 
 
-def _all_tiles(grid: tuple[int, int]) -> list[Tile]:
+def _windows(tokens: torch.Tensor, grid: tuple[int, int]) -> list[Window]:
+    """Output windows covering ``tokens`` (raster indices on ``grid``): the tiles they
+    touch, or those tiles' bounding box when it is hardly larger (one big convolution
+    runs faster than many small ones; snapping to tiles keeps the window shapes few)."""
     rows, cols = grid
-    return [(r, c, min(TILE, rows - r), min(TILE, cols - c)) for r in range(0, rows, TILE) for c in range(0, cols, TILE)]
+    side = tile_side(grid)
+    tile_cols = -(-cols // side)
+    touched = torch.unique((tokens // cols // side) * tile_cols + (tokens % cols) // side).tolist()
+    tile_rows_, tile_cols_ = [t // tile_cols for t in touched], [t % tile_cols for t in touched]
+    top, bottom, left, right = min(tile_rows_), max(tile_rows_) + 1, min(tile_cols_), max(tile_cols_) + 1
+    if (bottom - top) * (right - left) <= BOX_SLACK * len(touched):
+        r, c = top * side, left * side
+        return [(r, c, min(bottom * side, rows) - r, min(right * side, cols) - c)]
+    return [
+        (r, c, min(side, rows - r), min(side, cols - c))
+        for r, c in ((t // tile_cols * side, t % tile_cols * side) for t in touched)
+    ]
 
 
-def _tiles(tokens: torch.Tensor, grid: tuple[int, int]) -> list[Tile]:
-    """The tiles holding any of ``tokens`` (raster indices on ``grid``), in raster order."""
-    rows, cols = grid
-    tile_cols = -(-cols // TILE)
-    tile_index = (tokens // cols // TILE) * tile_cols + (tokens % cols) // TILE
-    tiles = []
-    for index in torch.unique(tile_index).tolist():
-        r, c = (index // tile_cols) * TILE, (index % tile_cols) * TILE
-        tiles.append((r, c, min(TILE, rows - r), min(TILE, cols - c)))
-    return tiles
-
-
-def _convolve_tiles(conv: torch.nn.Conv2d, x: torch.Tensor, tiles: list[list[Tile]]) -> list[list[torch.Tensor]]:
-    """Each row's tiles of ``conv(x)``, computed from their input windows in one call per tile shape."""
+def _convolve_windows(conv: torch.nn.Conv2d, x: torch.Tensor, windows: list[list[Window]]) -> list[list[torch.Tensor]]:
+    """Each row's windows of ``conv(x)``, computed from their inputs grown by the halo, one call per window shape."""
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     by_shape: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
-    for b, row_tiles in enumerate(tiles):
-        for i, (r, c, h, w) in enumerate(row_tiles):
+    for b, row_windows in enumerate(windows):
+        for i, (r, c, h, w) in enumerate(row_windows):
             window = padded[b, :, r * sh : (r + h - 1) * sh + kh, c * sw : (c + w - 1) * sw + kw]
             by_shape.setdefault((h, w), []).append((b, i, window))
-    out: list[list[torch.Tensor]] = [[None] * len(row_tiles) for row_tiles in tiles]  # type: ignore[list-item]
+    out: list[list[torch.Tensor]] = [[None] * len(row_windows) for row_windows in windows]  # type: ignore[list-item]
     for entries in by_shape.values():
         windows = torch.stack([window for _, _, window in entries])
         values = F.conv2d(windows, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
