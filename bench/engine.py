@@ -204,11 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     print(mixed_line)
     print("\n".join(end_to_end_lines))
     markdown = [
-        "# Engine: masked vs full transformer step",
+        "# Engine: masked vs full denoiser step",
         "",
         "Written by `bench/engine.py`; ratios of medians measured side by side in one run "
-        f"({args.repeats} interleaved repeats after a warm-up). Transformer call of one denoising step only "
-        "(text encoding and VAE are off the step loop).",
+        f"({args.repeats} interleaved repeats after a warm-up). Denoiser call of one denoising step only "
+        "(text encoding and VAE are off the step loop). FLOP fractions are counted by "
+        "`torch.utils.flop_counter` on the same calls (matmuls, convolutions, attention).",
         "",
         "Setup: " + ", ".join(f"{k}={v}" for k, v in meta.items()) + ".",
         "",
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         mixed_line,
         "",
         *end_to_end_lines,
+        *(UNET_NOTE if unet else []),
         "Rows of one transformer call are padded to its longest row: diffusers' blocks take one "
         "`[B, L, C]` tensor with per-row adaLN modulation, so packing rows without padding would mean "
         "forking them. On a CPU batching saves no time per token, so a mixed batch costs its padded "
@@ -230,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     markdown_path.parent.mkdir(parents=True, exist_ok=True)
     markdown_path.write_text("\n".join(markdown))
     return 0
+
+
+UNET_NOTE = [
+    "Designs: (b) computes the masked tokens in the attention levels and runs ResNets densely; (c) also "
+    "runs every convolution on the mask's tiles only. On a CPU attention costs more time per FLOP than "
+    "convolutions, so (b)'s time ratios fall below its FLOP fractions and (c)'s FLOP savings, all in "
+    "convolutions, buy less time than they count. The UNets' CLIP encoders take 77 text tokens whatever "
+    "`text_len` says.",
+    "",
+]
 
 
 def time_end_to_end(engines: dict[str, Engine], args: argparse.Namespace, token: int) -> dict:

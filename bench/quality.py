@@ -81,7 +81,10 @@ def measure(engine: Engine, resolution: int, ratio: float, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument(
+        "--families", default=",".join([*FAMILIES, "sdxl-inpaint+b", "sd-inpaint+b"]),
+        help='"+b" / "+c": a UNet with sparse_convs off / on (default: the family\'s own design)',
+    )
     parser.add_argument("--size", default="tiny", choices=("tiny", "small"))
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--mask-ratio", type=float, default=0.2)
@@ -94,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
-            folder = make_model(family, Path(tmp) / family, size=args.size)
-            engine = Engine.from_pretrained(str(folder), max_sequence_length=args.text_len)
+            name, _, design = family.partition("+")
+            folder = Path(tmp) / name
+            if not folder.exists():
+                make_model(name, folder, size=args.size)
+            options = {"sparse_convs": design == "c"} if design else None
+            engine = Engine.from_pretrained(str(folder), max_sequence_length=args.text_len, family_options=options)
             row = {"family": family, **measure(engine, args.resolution, args.mask_ratio, args.steps)}
             print(json.dumps(row))
             rows.append(row)

@@ -23,8 +23,9 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {family: make_model(family, root / family, size="tiny") for family in FAMILIES}
 
 
-#: Every family, and the UNets again with design (c), sparse convolutions ("+c").
-VARIANTS = (*FAMILIES, "sdxl-inpaint+c", "sd-inpaint+c")
+#: Every family in its default design, and the UNets again in their other one ("+b":
+#: sparse convolutions off; the UNets' default is design (c), "+c").
+VARIANTS = (*FAMILIES, "sdxl-inpaint+b", "sd-inpaint+b")
 
 
 def family_of(variant: str) -> str:
@@ -33,12 +34,13 @@ def family_of(variant: str) -> str:
 
 
 def options_of(variant: str) -> dict[str, object]:
-    return {"sparse_convs": True} if variant.endswith("+c") else {}
+    design = variant.partition("+")[2]
+    return {"sparse_convs": design == "c"} if design else {}
 
 
 @pytest.fixture(scope="session")
 def engines(model_dirs: dict[str, Path]) -> dict[str, Engine]:
-    """One engine per variant; a "+c" one loads its own pipeline (hooks differ by design)."""
+    """One engine per variant; a "+" one loads its own pipeline (hooks differ by design)."""
     return {
         variant: Engine.from_pretrained(
             str(model_dirs[family_of(variant)]), max_sequence_length=TEXT_LEN, family_options=options_of(variant)
@@ -49,7 +51,7 @@ def engines(model_dirs: dict[str, Path]) -> dict[str, Engine]:
 
 @pytest.fixture(params=VARIANTS)
 def family(request: pytest.FixtureRequest) -> str:
-    """An engine variant: a family, or a UNet family with sparse convolutions ("+c")."""
+    """An engine variant: a family, or a UNet family in its other design ("+b", "+c")."""
     return request.param
 
 

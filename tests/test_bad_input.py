@@ -338,6 +338,24 @@ def test_model_folder_without_model_index_is_unsupported_model(model_dirs: dict[
         Engine.from_pretrained(str(tmp_path / "does-not-exist"))
 
 
+def test_a_4_channel_unet_and_options_a_family_lacks_are_refused(model_dirs: dict[str, Path]) -> None:
+    from instgenie.families import SDInpaintFamily
+    from instgenie.loading import load_pipeline
+
+    pipe, _, _ = load_pipeline(str(model_dirs["sd-inpaint"]), "cpu", torch.float32)
+    pipe.unet.register_to_config(in_channels=4)  # a text-to-image UNet in an inpainting pipeline
+    with pytest.raises(UnsupportedModel, match=r"4-channel UNet is not supported"):
+        SDInpaintFamily(pipe, torch.device("cpu"), torch.float32)
+    with pytest.raises(InvalidInput, match=r"sparse_convs"):
+        Engine.from_pretrained(str(model_dirs["flux-fill"]), family_options={"sparse_convs": True})
+    from instgenie_server.config import ModelParameters
+
+    assert ModelParameters.from_strings({"model_dir": "m", "sparse_convs": "on"}).family_options == {"sparse_convs": True}
+    assert ModelParameters.from_strings({"model_dir": "m"}).family_options == {}
+    with pytest.raises(ValueError, match="sparse_convs must be on or off"):
+        _ = ModelParameters.from_strings({"model_dir": "m", "sparse_convs": "maybe"}).family_options
+
+
 @pytest.mark.parametrize("content", ["{not json", "{}", "[]", "null", '"FluxFillPipeline"'])
 def test_model_index_without_a_pipeline_class_is_unsupported_model(
     model_dirs: dict[str, Path], tmp_path: Path, content: str

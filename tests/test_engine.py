@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import SIZE, TEXT_LEN, batched_tolerance, engine_over, png, rect_mask, template_image
 from instgenie import Engine
@@ -220,6 +221,39 @@ def test_new_prompt_deviation_is_below_the_prompt_effect(engine: Engine) -> None
     )
     assert np.isfinite(deviation)
     assert deviation < prompt_effect
+
+
+@pytest.mark.parametrize("variant", ["sdxl-inpaint", "sdxl-inpaint+b", "sd-inpaint", "sd-inpaint+b"])
+def test_unet_edit_on_an_odd_latent_grid_is_bit_exact(engines: dict[str, Engine], variant: str) -> None:
+    """17 x 15 latent tokens: every UNet level rounds its side up, the levels' pooled
+    masks and the convolutions' windows follow, and the invariant holds."""
+    engine = engines[variant]
+    image = template_image(3, size=136).crop((0, 0, 136, 120))
+    pixels = np.zeros((120, 136), np.uint8)
+    pixels[40:80, 30:90] = 255
+    mask = png(Image.fromarray(pixels))
+    record = engine.register_template(png(image), "a hat", seed=1, steps=STEPS, mask=mask)
+    masked = engine.edit(mask, "a hat", template_id=record.template_id)
+    full = engine.edit(mask, "a hat", template_id=record.template_id, full_compute=True)
+    assert masked.num_tokens == 17 * 15 and masked.computed_tokens < masked.num_tokens
+    assert torch.equal(masked.latents, full.latents)
+
+
+def test_the_routers_cost_of_a_mask_is_the_work_the_engine_counts(engine: Engine) -> None:
+    """One cost function (StepCost) for both: the router prices a request by its mask
+    with what the instance publishes, the instance counts its steps with the same."""
+    from instgenie_protocol import mask_work
+
+    record = engine.register_template(png(template_image(11)), "a hat", seed=1, steps=STEPS)
+    mask = rect_mask(0.3, seed=11)
+    state = engine.prepare_edit(png(mask), "a hat", template_id=record.template_id)
+    engine.release(state)
+    predicted = mask_work(np.asarray(mask) > 127, engine.family.pixels_per_token, engine.family.step_cost)
+    assert state.row_work == pytest.approx(predicted)
+    full = engine.prepare_edit(png(mask), "a hat", template_id=record.template_id, full_compute=True)
+    # A full row-step costs the grid's tokens for every family (the unit of the step cost).
+    assert full.row_work == pytest.approx(full.num_tokens, rel=0.05 if engine.family.reads_every_token else 1e-9)
+    assert 0 < state.row_work < full.row_work
 
 
 def test_second_engine_over_one_pipeline_computes_the_same(engines: dict) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import png, rect_mask
 from instgenie.errors import InvalidInput
+from instgenie.token_grid import StepCost
 from instgenie_protocol import (
     ServerError,
     decode_blob,
@@ -16,10 +17,13 @@ from instgenie_protocol import (
     error_message,
     http_status,
     image_token_count,
+    image_work,
     mask_token_count,
+    mask_work,
     parse_request,
     parse_samples,
     sample_sum,
+    step_cost_from_metrics,
 )
 
 
@@ -74,6 +78,25 @@ def test_a_masks_token_cost_follows_the_token_grid() -> None:
     assert mask_token_count(mask, 16) == 2
     assert mask_token_count(mask, 8) == 5  # a UNet-like grid: 4 tokens + 1
     assert image_token_count(64, 48, 16) == 12 and image_token_count(64, 48, 8) == 48
+
+
+def test_a_unet_step_cost_pools_the_mask_to_each_level_and_counts_its_dense_part() -> None:
+    cost = StepCost(dense=0.5, levels=((0, 1.0), (1, 2.0), (2, 4.0)))
+    mask = np.zeros((40, 40), bool)
+    mask[8:16, 8:16] = True  # one token of a 5x5 grid (8 pixels per token)
+    # dense: 0.5 x 25 tokens; depth 0: 1 token; depth 1 (3x3, odd sides round up): 1; depth 2 (2x2): 1
+    assert mask_work(mask, 8, cost) == 12.5 + 1.0 + 2.0 + 4.0
+    assert image_work(40, 40, 8, cost) == 12.5 + 25 * 1.0 + 9 * 2.0 + 4 * 4.0
+    assert mask_work(mask, 8) == 1.0  # the DiT cost: masked tokens
+    published = "\n".join(
+        [
+            "# TYPE instgenie_step_cost_dense gauge",
+            'instgenie_step_cost_dense{model="m"} 0.5',
+            *(f'instgenie_step_cost_weight{{model="m",depth="{d}"}} {w}' for d, w in cost.levels),
+        ]
+    )
+    assert step_cost_from_metrics(published) == cost
+    assert step_cost_from_metrics("instgenie_text_tokens 77") is None
 
 
 def test_the_metrics_parser_reads_labels_values_and_skips_the_rest() -> None:

@@ -17,6 +17,8 @@ from PIL import Image
 
 from conftest import TEXT_LEN, png, rect_mask, template_image
 from instgenie.masking import token_indices
+from instgenie.token_grid import StepCost, token_mask
+from instgenie_protocol import PIXELS_PER_TOKEN_METRIC
 from instgenie_client import InstGenIEClient
 from instgenie_client.http_client import SseInstGenIEClient
 from instgenie_cli import build_parser
@@ -234,6 +236,13 @@ def test_request_inspection_counts_mask_tokens_and_steps() -> None:
     assert info.action == "edit" and info.template_id == "tpl-1"
     assert info.cost.token_steps == token_indices(np.asarray(mask) > 127, 16).numel() * 5  # the engine's count x steps
     assert info.cost.steps == 5
+    # A UNet instance's published step cost: its dense layers plus the mask pooled per level.
+    pool = _pool(0.0)
+    unet_cost = StepCost(dense=0.25, levels=((1, 1.5), (2, 3.0)))
+    pool.update_scrape(pool.instances[0], 0.0, {PIXELS_PER_TOKEN_METRIC: 8.0}, unet_cost)
+    info = inspect(request, pixels_per_token=pool.pixels_per_token(), cost=pool.step_cost())
+    assert pool.step_cost() == unet_cost
+    assert info.cost.token_steps == pytest.approx(unet_cost.work(token_mask(np.asarray(mask) > 127, 8)) * 5)
 
 
 # -- three real instances behind the router ------------------------------------------------

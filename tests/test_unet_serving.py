@@ -1,6 +1,6 @@
 """The UNet families (SDXL, SD 1.5 inpainting) served end to end by a real tritonserver.
 
-One server per family, started from the same model repository as the DiT server
+One server per family (SDXL in design (b), SD 1.5 in design (c)), started from the same model repository as the DiT server
 (``instgenie serve --model FOLDER`` renders it the same way): registration, a
 continuous batch of mixed masks, the exactness invariant against the baseline model
 serving the same folder, a bad input, and the token grid the router counts on.
@@ -16,24 +16,32 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TEXT_LEN, png, rect_mask, template_image
+from conftest import TEXT_LEN, family_of, png, rect_mask, template_image
+from instgenie_protocol import step_cost_from_metrics
 from serving_calls import Stream, baseline_png, metric, metrics
 
-UNET_FAMILIES = ("sdxl-inpaint", "sd-inpaint")
+# SDXL in design (b), SD 1.5 in (c), set by the model parameter sparse_convs.
+UNET_VARIANTS = ("sdxl-inpaint+b", "sd-inpaint")
 
 
-@pytest.fixture(scope="module", params=UNET_FAMILIES)
-def unet_server(request: pytest.FixtureRequest, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=UNET_VARIANTS)
+def unet_family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def unet_server(unet_family: str, engines, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     from instgenie_server.launcher import TritonServer, default_model_repository, models_with_parameter, render_repository
 
     source = default_model_repository()
     parameters = {
-        "model_dir": str(model_dirs[request.param]),
+        "model_dir": str(model_dirs[family_of(unet_family)]),
+        "sparse_convs": "on" if engines[unet_family].family.sparse_convs else "off",
         "max_sequence_length": str(TEXT_LEN),
         "max_active": "4",
         "codec_nice": "0",
     }
-    root = tmp_path_factory.mktemp(f"triton-{request.param}")
+    root = tmp_path_factory.mktemp(f"triton-{family_of(unet_family)}")
     repository = render_repository(source, root / "models", {name: parameters for name in models_with_parameter(source, "model_dir")})
     with TritonServer(repository, log_file=root / "server.log") as server:
         yield server
@@ -69,7 +77,7 @@ def test_unet_edit_equal_to_its_template_matches_the_baseline(unet_server) -> No
     assert masked.outputs["EDITED_IMAGE"][0] == full.outputs["EDITED_IMAGE"][0] == baseline
 
 
-def test_unet_mixed_masks_batch_like_alone_and_bad_input_is_refused(unet_server) -> None:
+def test_unet_mixed_masks_batch_like_alone_and_bad_input_is_refused(unet_server, unet_family: str, engines) -> None:
     url = unet_server.grpc_url
     template_id = _register(url, {"IMAGE": png(template_image(32)), "PROMPT": "a room", "STEPS": 6})
     fields = [
@@ -97,4 +105,11 @@ def test_unet_mixed_masks_batch_like_alone_and_bad_input_is_refused(unet_server)
     text = metrics(unet_server.metrics_url)
     labels = {"model": "instgenie_edit", "version": "1", "instance": "instgenie_edit_0_0"}
     assert metric(text, "instgenie_pixels_per_token", **labels) == 8  # one token per latent pixel
+    assert metric(text, "instgenie_text_tokens", **labels) == 77  # CLIP's length, whatever max_sequence_length
     assert metric(text, "instgenie_steps_total", **labels) > 0
+    # The step cost the router prices masks with: the engine's own (dense ResNets in (b), none in (c)).
+    published = step_cost_from_metrics(text)
+    family = engines[unet_family].family
+    assert published is not None and published.dense == pytest.approx(family.step_cost.dense)
+    assert (published.dense > 0) == (not family.sparse_convs)
+    assert [d for d, _ in published.levels] == [d for d, _ in family.step_cost.levels]

@@ -68,8 +68,9 @@ class TemplateActivations:
         except KeyError:
             raise KeyError(f"no attention input recorded for step {step}, row {row}, site {site}") from None
 
-    def put_output(self, step: int, row: int, site: int, hidden: torch.Tensor) -> None:
+    def put_output(self, step: int, row: int, site: int, hidden: torch.Tensor, token_dim: int = 0) -> None:
         self._outputs[(step, row, site)] = hidden.detach().clone()
+        self.token_dims[site] = token_dim
 
     def get_output(self, step: int, row: int, site: int) -> torch.Tensor:
         try:
@@ -121,8 +122,8 @@ class StepActivations:
             return (self.output(site),)
         return self.kv(site)
 
-    def record_output(self, site: int, hidden: torch.Tensor) -> None:
-        self.store.put_output(self.step, self.row, site, hidden)
+    def record_output(self, site: int, hidden: torch.Tensor, token_dim: int = 0) -> None:
+        self.store.put_output(self.step, self.row, site, hidden, token_dim)
 
     def record(self, site: int, key: torch.Tensor, value: torch.Tensor, token_dim: int) -> None:
         self.store.put(self.step, self.row, site, key, value, token_dim)

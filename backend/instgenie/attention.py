@@ -78,8 +78,8 @@ class KVSource(Protocol):
         ...
 
     def output(self, site: int) -> torch.Tensor:
-        """The stored tokens' output ``[n, C]`` of output site ``site`` (a UNet attention
-        level's last block: where its computed tokens are scattered back)."""
+        """The stored tokens' output of output site ``site``, in the layout it was recorded
+        in (a UNet attention level's ``[n, C]``, a convolution's ``[C, n]``)."""
         ...
 
     def stored(self, site: int) -> tuple[torch.Tensor, ...]:
@@ -98,8 +98,9 @@ class KVSink(Protocol):
         """Store a copy of the image tokens' attention input ``[N, C]`` (if this sink keeps inputs)."""
         ...
 
-    def record_output(self, site: int, hidden: torch.Tensor) -> None:
-        """Store a copy of every image token's output ``[N, C]`` at output site ``site``."""
+    def record_output(self, site: int, hidden: torch.Tensor, token_dim: int = 0) -> None:
+        """Store a copy of every image token's output at output site ``site``: ``[N, C]``,
+        or ``[C, N]`` with ``token_dim`` 1 (a convolution's map, channels first)."""
         ...
 
 

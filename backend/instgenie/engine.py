@@ -209,6 +209,7 @@ class Engine:
             timesteps=timesteps,
             template=None if computes_all else template,
             template_id=None if template is None else template.template_id,
+            row_work=family.step_cost.work(_token_grid(token_index, family.grid(settings))),
         )
         if state.template is not None:
             # Opened at preparation, before admission: the first steps load meanwhile.
@@ -475,3 +476,9 @@ class Engine:
             return self.finish_edit(state)
         finally:
             self.release(state)
+
+
+def _token_grid(token_index: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    tokens = np.zeros(grid[0] * grid[1], dtype=bool)
+    tokens[token_index.cpu().numpy()] = True
+    return tokens.reshape(grid)

@@ -45,7 +45,7 @@ from .attention import (
 from .masking import pool_token_index
 from .sparse_convs import SPARSE_CONV_HOOK, CallSlot, SparseConv, check_sparse_conv
 
-__all__ = ["UNetCall", "install_unet_levels", "level_grid", "unet_levels"]
+__all__ = ["UNetCall", "install_unet_levels", "unet_levels", "unet_units", "unit_convolutions"]
 
 LEVEL_HOOK = HOOK_PREFIX + "unet_level"
 GATHER_HOOK = HOOK_PREFIX + "unet_level_gather"
@@ -197,10 +197,10 @@ class MaskedUNetAttnProcessor(MaskedProcessor):
 
 def unet_levels(unet: torch.nn.Module) -> list[torch.nn.Module]:
     """The UNet's attention levels (``Transformer2DModel``) in call order: down, mid, up."""
-    return [module for module, kind, _ in _units(unet) if kind == "level"]
+    return [module for module, kind, _ in unet_units(unet) if kind == "level"]
 
 
-def _units(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, int]]:
+def unet_units(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, int]]:
     """``(module, kind, depth)`` of the UNet's ResNets, attention levels and samplers in
     call order (kind ``resnet``, ``level`` or ``sampler``); ``depth``: 2x downsamplings
     before the module's output grid."""
@@ -232,7 +232,7 @@ def _units(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, int]]:
     return units
 
 
-def _unit_convolutions(module: torch.nn.Module, kind: str) -> list[torch.nn.Module]:
+def unit_convolutions(module: torch.nn.Module, kind: str) -> list[torch.nn.Module]:
     """A ResNet's or sampler's convolutions in call order."""
     if kind == "resnet":
         if module.upsample is not None or module.downsample is not None:
@@ -242,14 +242,6 @@ def _unit_convolutions(module: torch.nn.Module, kind: str) -> list[torch.nn.Modu
     if conv is None or getattr(module, "norm", None) is not None:
         raise TypeError(f"sparse convolutions need a plain convolutional sampler, got {type(module).__name__}")
     return [conv]
-
-
-def level_grid(grid: tuple[int, int], depth: int) -> tuple[int, int]:
-    """The token grid after ``depth`` 2x downsamplings (stride-2, padding-1 convolutions)."""
-    rows, cols = grid
-    for _ in range(depth):
-        rows, cols = (rows + 1) // 2, (cols + 1) // 2
-    return rows, cols
 
 
 def install_unet_levels(unet: torch.nn.Module, sparse_convs: bool = False) -> tuple[list[int], list[int], CallSlot]:
@@ -278,10 +270,10 @@ def install_unet_levels(unet: torch.nn.Module, sparse_convs: bool = False) -> tu
     offsets: list[int] = []
     depths: list[int] = []
     level = 0
-    for module, kind, depth in _units(unet):
+    for module, kind, depth in unet_units(unet):
         if kind != "level":
             if sparse_convs:
-                for conv in _unit_convolutions(module, kind):
+                for conv in unit_convolutions(module, kind):
                     check_sparse_conv(conv)
                     if len(offsets) == level:  # the first site a prefix of `level` levels leaves cached
                         offsets.append(len(depths))

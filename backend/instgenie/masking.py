@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .token_grid import token_mask
+from .token_grid import level_grid, pool_tokens, token_mask
 
 
 def token_indices(pixel_mask: np.ndarray, pixels_per_token: int) -> torch.Tensor:
@@ -24,14 +24,17 @@ def union(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def pool_token_index(index: torch.Tensor, grid: tuple[int, int], level: tuple[int, int]) -> torch.Tensor:
-    """The tokens of a coarser ``level`` grid whose cell covers any of ``index`` on ``grid``
-    (max-pooling, as from pixels to tokens): a UNet attention level's computed tokens."""
+    """The tokens of a coarser ``level`` grid (``grid`` downsampled 2x some times) whose
+    cell covers any of ``index`` on ``grid``: a UNet level's computed tokens
+    (:func:`~instgenie.token_grid.pool_tokens`, which the router's costs use too)."""
     if level == grid:
         return index
-    rows, cols = grid
-    if index.numel() == rows * cols:
-        return torch.arange(level[0] * level[1], device=index.device)
-    mask = torch.zeros(rows * cols, device=index.device)
-    mask[index] = 1.0
-    pooled = torch.nn.functional.adaptive_max_pool2d(mask.view(1, 1, rows, cols), level)
-    return pooled.flatten().nonzero().flatten()
+    depth = 0
+    while level_grid(grid, depth) != level:
+        if level_grid(grid, depth) == (1, 1):
+            raise ValueError(f"{level} is not a 2x downsampling of the token grid {grid}")
+        depth += 1
+    tokens = np.zeros(grid[0] * grid[1], dtype=bool)
+    tokens[index.cpu().numpy()] = True
+    pooled = pool_tokens(tokens.reshape(grid), depth)
+    return torch.from_numpy(np.flatnonzero(pooled)).to(index.device)

@@ -108,7 +108,7 @@ class SparseConv(ModelHook):
         if batch.records:
             for b, row in enumerate(batch.rows):
                 if row.recorder is not None:
-                    row.recorder.record_output(self.site, output[b].flatten(1).t())
+                    row.recorder.record_output(self.site, output[b].flatten(1), token_dim=1)
         return output
 
     def _windows_exact(self, conv: torch.nn.Conv2d, x: torch.Tensor, windows: list[list[Window]], dense_forward: Any) -> bool:
@@ -180,11 +180,9 @@ def _convolve_windows(conv: torch.nn.Conv2d, x: torch.Tensor, windows: list[list
 
 
 def _cached_map(stored: torch.Tensor, kept: torch.Tensor | None, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """A cached output ``[n, C]`` (all tokens, or the ``kept`` ones) as a ``[C, rows, cols]`` map."""
+    """A cached output ``[C, n]`` (all tokens, or the ``kept`` ones) as a ``[C, rows, cols]`` map."""
     stored = stored.to(like.device, like.dtype)
-    if kept is None:
-        tokens = stored
-    else:  # tokens not kept are in the template's own region, which every edit computes
-        tokens = stored.new_zeros(grid[0] * grid[1], stored.shape[-1])
-        tokens.index_copy_(0, kept.to(like.device), stored)
-    return tokens.t().reshape(-1, *grid)
+    if kept is not None:  # tokens not kept are in the template's own region, which every edit computes
+        tokens = stored.new_zeros(stored.shape[0], grid[0] * grid[1])
+        stored = tokens.index_copy_(1, kept.to(like.device), stored)
+    return stored.view(-1, *grid)

@@ -46,6 +46,7 @@ class RequestState:
     full_inputs: LatentInputs | None = None  # full-grid inputs (RECORD requests, template edits)
     full_blocks: int = 0  # leading blocks that compute every token instead of loading (planned)
     step_index: int = 0
+    row_work: float = 0.0  # token-equivalents of one row-step (the family's StepCost of its tokens)
 
     @property
     def total_steps(self) -> int:
@@ -69,9 +70,14 @@ class RequestState:
         return self.settings.width, self.settings.height
 
     @property
-    def remaining_token_steps(self) -> int:
-        """Row-tokens still to compute: the request's share of the remaining work."""
-        return self.rows * self.computed_tokens * (self.total_steps - self.step_index)
+    def step_work(self) -> float:
+        """Token-equivalents one step of this request computes (all its rows)."""
+        return self.rows * self.row_work
+
+    @property
+    def remaining_token_steps(self) -> float:
+        """Token-equivalents still to compute: the request's share of the remaining work."""
+        return self.step_work * (self.total_steps - self.step_index)
 
 
 @dataclass

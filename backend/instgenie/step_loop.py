@@ -69,8 +69,9 @@ class LoopLoad:
     """A snapshot of the loop's work.
 
     ``masked_tokens``: row-tokens the next step computes. ``outstanding_token_steps``:
-    row-tokens times remaining steps over active and prepared requests: the
-    remaining work, which a router balances.
+    token-equivalents (the family's :class:`~instgenie.token_grid.StepCost`) times
+    remaining steps over active and prepared requests: the remaining work, which a
+    router balances.
     """
 
     active: int = 0
@@ -78,7 +79,7 @@ class LoopLoad:
     preparing: int = 0
     finishing: int = 0
     masked_tokens: int = 0
-    outstanding_token_steps: int = 0
+    outstanding_token_steps: float = 0.0
 
 
 class LoopObserver:
@@ -87,8 +88,8 @@ class LoopObserver:
     def load(self, load: LoopLoad) -> None:
         pass
 
-    def step(self, duration_s: float, batch_size: int, row_tokens: int) -> None:
-        pass
+    def step(self, duration_s: float, batch_size: int, row_tokens: float) -> None:
+        """``row_tokens``: the step's token-equivalents (:class:`~instgenie.token_grid.StepCost`)."""
 
     def joined(self, steps_waited: int) -> None:
         """A prepared request joined the batch after ``steps_waited`` loop steps (0 or 1 unless the batch is full)."""
@@ -440,7 +441,7 @@ class StepLoop:
         now = self._clock()
         with self._cond:
             self._steps_done += 1
-        self.observer.step(now - started, len(batch), sum(s.rows * s.computed_tokens for s in _states(batch)))
+        self.observer.step(now - started, len(batch), sum(s.step_work for s in _states(batch)))
         still: list[_Job] = []
         for job in batch:
             state = job.state

@@ -13,7 +13,17 @@ from .names import ACTIONS, BASELINE_MODEL, EDIT_MODEL, INPUTS, OUTPUTS, SYNC_MO
 from .prometheus import Sample, parse_samples, sample_sum
 from .requests import ParsedRequest, decode_blob, parse_request
 from .template_ids import check_template_id, is_template_id
-from .tokens import DEFAULT_PIXELS_PER_TOKEN, PIXELS_PER_TOKEN_METRIC, image_token_count, mask_token_count
+from .tokens import (
+    DEFAULT_PIXELS_PER_TOKEN,
+    PIXELS_PER_TOKEN_METRIC,
+    STEP_COST_DENSE_METRIC,
+    STEP_COST_WEIGHT_METRIC,
+    image_token_count,
+    image_work,
+    mask_token_count,
+    mask_work,
+    step_cost_from_metrics,
+)
 
 __all__ = [
     "ACTIONS",
@@ -26,6 +36,8 @@ __all__ = [
     "OUTPUTS",
     "ParsedRequest",
     "PIXELS_PER_TOKEN_METRIC",
+    "STEP_COST_DENSE_METRIC",
+    "STEP_COST_WEIGHT_METRIC",
     "SYNC_MODEL",
     "Sample",
     "ServerError",
@@ -35,9 +47,12 @@ __all__ = [
     "error_message",
     "http_status",
     "image_token_count",
+    "image_work",
     "is_template_id",
     "mask_token_count",
+    "mask_work",
     "parse_request",
     "parse_samples",
     "sample_sum",
+    "step_cost_from_metrics",
 ]

@@ -205,7 +205,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         except Overloaded as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
-            info = inspect(request, pixels_per_token=self.pool.pixels_per_token())
+            info = inspect(request, pixels_per_token=self.pool.pixels_per_token(), cost=self.pool.step_cost())
             refused = template_id_error(info, request.id)
             if refused is not None:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
@@ -271,7 +271,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             stream.send(_FINISHED)
             return
         try:
-            info = inspect(request, pixels_per_token=self.pool.pixels_per_token())
+            info = inspect(request, pixels_per_token=self.pool.pixels_per_token(), cost=self.pool.step_cost())
             refused = template_id_error(info, request.id)
             if refused is not None:  # a malformed id never leaves the router
                 stream.send(_error_text_response(request, refused))

@@ -45,7 +45,7 @@ def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> N
     if method == "POST" and "/generate" in handler.path:
         try:
             fields = json.loads(body or b"{}")
-            info = inspect_json(fields, pixels_per_token=router.pool.pixels_per_token())
+            info = inspect_json(fields, pixels_per_token=router.pool.pixels_per_token(), cost=router.pool.step_cost())
             cost, register, request_id = info.cost, info.action == "register", str(fields.get("id", ""))
         except (ValueError, AttributeError):
             pass  # not JSON: the instance answers with its own error

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from instgenie.token_grid import StepCost
 from instgenie_protocol import DEFAULT_PIXELS_PER_TOKEN, PIXELS_PER_TOKEN_METRIC
 
 __all__ = ["Instance", "InstancePool", "RequestCost"]
@@ -59,6 +60,7 @@ class Instance:
     scraped_token_steps: float = 0.0
     scraped_at: float = 0.0
     scraped: dict[str, float] = field(default_factory=dict)
+    step_cost: StepCost | None = None  # the cost function it publishes (None: not scraped yet)
     # The router's own bookkeeping.
     in_flight: dict[str, RequestCost] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)  # monotonic time each in-flight request was booked
@@ -166,6 +168,15 @@ class InstancePool:
                     return int(value)
         return DEFAULT_PIXELS_PER_TOKEN
 
+    def step_cost(self) -> StepCost:
+        """What a row-step of the instances' model costs by its tokens (their published
+        :class:`~instgenie.token_grid.StepCost`); a DiT's before any scrape."""
+        with self.lock:
+            for instance in self.instances:
+                if instance.step_cost is not None:
+                    return instance.step_cost
+        return StepCost()
+
     def by_name(self, name: str) -> Instance:
         with self.lock:
             return next(i for i in self.instances if i.name == name)
@@ -219,10 +230,14 @@ class InstancePool:
             else:
                 instance.registered |= template_ids
 
-    def update_scrape(self, instance: Instance, token_steps: float, values: dict[str, float]) -> None:
+    def update_scrape(
+        self, instance: Instance, token_steps: float, values: dict[str, float], step_cost: StepCost | None = None
+    ) -> None:
         with self.lock:
             instance.scraped_token_steps = token_steps
             instance.scraped = values
+            if step_cost is not None:
+                instance.step_cost = step_cost
             instance.scraped_at = time.monotonic()
 
 

@@ -21,9 +21,10 @@ from instgenie_protocol import (
     check_template_id,
     decode_blob,
     error_message,
-    image_token_count,
-    mask_token_count,
+    image_work,
+    mask_work,
 )
+from instgenie.token_grid import StepCost
 
 from .instances import RequestCost
 
@@ -36,12 +37,16 @@ class EditRequestInfo:
     cost: RequestCost
 
 
-def inspect(request: object, default_steps: int = 28, pixels_per_token: int = DEFAULT_PIXELS_PER_TOKEN) -> EditRequestInfo:
-    """Routing facts of a ``ModelInferRequest``."""
-    return _facts(_inputs(request), default_steps, pixels_per_token)
+def inspect(
+    request: object, default_steps: int = 28, pixels_per_token: int = DEFAULT_PIXELS_PER_TOKEN, cost: StepCost = StepCost()
+) -> EditRequestInfo:
+    """Routing facts of a ``ModelInferRequest``; its cost is ``cost``'s work on the instances' grid."""
+    return _facts(_inputs(request), default_steps, pixels_per_token, cost)
 
 
-def inspect_json(body: dict, default_steps: int = 28, pixels_per_token: int = DEFAULT_PIXELS_PER_TOKEN) -> EditRequestInfo:
+def inspect_json(
+    body: dict, default_steps: int = 28, pixels_per_token: int = DEFAULT_PIXELS_PER_TOKEN, cost: StepCost = StepCost()
+) -> EditRequestInfo:
     """Routing facts of a ``generate``/``generate_stream`` JSON body (inputs by name)."""
     values: dict[str, bytes] = {}
     for name, value in body.items():
@@ -53,22 +58,22 @@ def inspect_json(body: dict, default_steps: int = 28, pixels_per_token: int = DE
             values[name] = struct.pack("<i", value)
         elif isinstance(value, str):
             values[name] = value.encode()
-    return _facts(values, default_steps, pixels_per_token)
+    return _facts(values, default_steps, pixels_per_token, cost)
 
 
-def _facts(values: dict[str, bytes], default_steps: int, pixels_per_token: int) -> EditRequestInfo:
+def _facts(values: dict[str, bytes], default_steps: int, pixels_per_token: int, cost: StepCost) -> EditRequestInfo:
     action = (values.get("ACTION") or b"edit").decode(errors="replace") if "ACTION" in values else "edit"
     template = values.get("TEMPLATE_ID")
     template_id = template.decode(errors="replace") if template else None
     steps = values.get("STEPS")
     step_count = int(np.frombuffer(steps, "<i4")[0]) if isinstance(steps, bytes) and len(steps) >= 4 else default_steps
     mask = values.get("MASK")
-    tokens = _mask_tokens(mask, pixels_per_token) if isinstance(mask, bytes) else 0
+    tokens = _mask_work(mask, pixels_per_token, cost) if isinstance(mask, bytes) else 0.0
     if action == "register" or (template_id is None and values.get("IMAGE")):
         image = values.get("IMAGE")
-        tokens = _image_tokens(image, pixels_per_token) if isinstance(image, bytes) else tokens
+        tokens = _image_work(image, pixels_per_token, cost) if isinstance(image, bytes) else tokens
     steps = max(step_count, 1)
-    return EditRequestInfo(action, template_id, RequestCost(float(max(tokens, 1) * steps), template_id, steps))
+    return EditRequestInfo(action, template_id, RequestCost(max(tokens, 1.0) * steps, template_id, steps))
 
 
 def template_id_error(info: EditRequestInfo, request_id: str) -> str | None:
@@ -118,13 +123,13 @@ def _decode(data: bytes) -> Image.Image | None:
         return None
 
 
-def _mask_tokens(data: bytes, pixels_per_token: int) -> int:
+def _mask_work(data: bytes, pixels_per_token: int, cost: StepCost) -> float:
     image = _decode(data)
     if image is None:
-        return 0
-    return mask_token_count(np.asarray(image.convert("L")) > 127, pixels_per_token)
+        return 0.0
+    return mask_work(np.asarray(image.convert("L")) > 127, pixels_per_token, cost)
 
 
-def _image_tokens(data: bytes, pixels_per_token: int) -> int:
+def _image_work(data: bytes, pixels_per_token: int, cost: StepCost) -> float:
     image = _decode(data)
-    return 0 if image is None else image_token_count(*image.size, pixels_per_token)
+    return 0.0 if image is None else image_work(*image.size, pixels_per_token, cost)

@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Callable, Iterable
 
-from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, parse_samples
+from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, parse_samples, step_cost_from_metrics
 
 from .instances import Instance, InstancePool
 
@@ -99,8 +99,11 @@ class Scraper:
         if answer:
             try:
                 with urllib.request.urlopen(instance.metrics_url, timeout=self.timeout_s) as response:
-                    values = parse_metrics(response.read().decode())
-                self.pool.update_scrape(instance, values.get("instgenie_outstanding_token_steps", 0.0), values)
+                    text = response.read().decode()
+                values = parse_metrics(text)
+                self.pool.update_scrape(
+                    instance, values.get("instgenie_outstanding_token_steps", 0.0), values, step_cost_from_metrics(text)
+                )
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 log.debug("metrics of %s unreadable: %s", instance.name, exc)  # stale values age out
         self.set_health(instance, ready)

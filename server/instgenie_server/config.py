@@ -14,6 +14,9 @@ from instgenie.cache.planner import CostModel
 from instgenie.scheduler import SchedulerConfig
 
 
+_SWITCHES = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
 @dataclass(frozen=True)
 class ModelParameters:
     """Every knob a model reads from its ``parameters { key: ... }`` entries.
@@ -40,6 +43,7 @@ class ModelParameters:
     max_pixels: int = EngineLimits.max_pixels
     max_steps: int = EngineLimits.max_steps
     drain_timeout_s: float = 60.0  # finalize() lets in-flight requests finish this long
+    sparse_convs: str = ""  # UNet families: "on" = design (c), "off" = (b); empty = the family's default
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "ModelParameters":
@@ -63,6 +67,16 @@ class ModelParameters:
         if not params.model_dir:
             raise ValueError("parameter model_dir is empty: point it at a diffusers pipeline folder (instgenie serve --model)")
         return params
+
+    @property
+    def family_options(self) -> dict[str, Any]:
+        """Keyword arguments of the family adapter (see ``Engine.from_pretrained``)."""
+        switch = self.sparse_convs.lower()
+        if not switch:
+            return {}
+        if switch not in _SWITCHES:
+            raise ValueError(f"parameter sparse_convs must be on or off, got {self.sparse_convs!r}")
+        return {"sparse_convs": _SWITCHES[switch]}
 
     @property
     def torch_dtype(self) -> torch.dtype:

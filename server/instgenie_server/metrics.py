@@ -13,7 +13,8 @@ import threading
 from typing import Any
 
 from instgenie.step_loop import LoopLoad, LoopObserver
-from instgenie_protocol import PIXELS_PER_TOKEN_METRIC
+from instgenie.token_grid import StepCost
+from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, STEP_COST_DENSE_METRIC, STEP_COST_WEIGHT_METRIC
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class TritonLoopMetrics(LoopObserver):
         text_tokens: int | None = None,
         pixels_per_token: int | None = None,
         restarts: int = 0,
+        step_cost: StepCost | None = None,
     ) -> None:
         self._pb = pb_utils
         self._labels = dict(labels)
@@ -112,7 +114,22 @@ class TritonLoopMetrics(LoopObserver):
                 PIXELS_PER_TOKEN_METRIC, "Pixels along one side of a latent token's square (the token grid)", kinds.GAUGE
             )
             self._pixels_per_token.set(float(pixels_per_token))
-        self._row_tokens = self._metric("instgenie_computed_row_tokens_total", "Row-tokens computed by all steps", kinds.COUNTER)
+        if step_cost is not None:  # the family's cost function, so the router predicts work as we count it
+            self._step_cost_dense = self._metric(
+                STEP_COST_DENSE_METRIC, "Token-equivalents per token of the whole grid a row-step computes whatever the mask", kinds.GAUGE
+            )
+            self._step_cost_dense.set(step_cost.dense)
+            weights = self._family(
+                STEP_COST_WEIGHT_METRIC, "Token-equivalents per computed token of the mask pooled to each depth", kinds.GAUGE
+            )
+            self._step_cost_weights = [LockedMetric(weights, {**self._labels, "depth": str(d)}) for d, _ in step_cost.levels]
+            for metric, (_, weight) in zip(self._step_cost_weights, step_cost.levels):
+                metric.set(weight)
+        self._row_tokens = self._metric(
+            "instgenie_computed_row_tokens_total",
+            "Row-token equivalents (the published step cost of each row's tokens) computed by all steps",
+            kinds.COUNTER,
+        )
         self._request_steps = self._metric(
             "instgenie_request_steps_total", "Requests stepped, summed over steps (batch sizes)", kinds.COUNTER
         )
@@ -150,7 +167,7 @@ class TritonLoopMetrics(LoopObserver):
         for field, gauge in self._gauges.items():
             gauge.set(float(getattr(load, field)))
 
-    def step(self, duration_s: float, batch_size: int, row_tokens: int) -> None:
+    def step(self, duration_s: float, batch_size: int, row_tokens: float) -> None:
         self._step_seconds.observe(duration_s)
         self._steps.increment(1)
         self._row_tokens.increment(float(row_tokens))

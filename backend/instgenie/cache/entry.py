@@ -95,7 +95,7 @@ class StepKV:
             if s == step:
                 output = recording.get_output(step, row, site)
                 if kept and site in kept:
-                    output = output.index_select(0, kept[site])
+                    output = output.index_select(recording.token_dims.get(site, 0), kept[site])
                 kv[(row, site)] = (output.to(mode.torch_dtype).contiguous(),)
                 outputs.add(site)
         return cls(kv, kept, mode.stores_inputs, frozenset(outputs))

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..attention import TokenBatch, uninstall
+from ..token_grid import StepCost
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,16 @@ class Family(ABC):
                 offsets.append(offsets[-1] + sum(1 for m in b.modules() if hasattr(m, "set_processor")))
             self._site_offsets = offsets
         return self._site_offsets[block]
+
+    def text_tokens(self, max_sequence_length: int) -> int:
+        """Text tokens each row carries through the denoiser (the DiTs pad to ``max_sequence_length``)."""
+        return max_sequence_length
+
+    @property
+    def step_cost(self) -> StepCost:
+        """What a row-step costs by its computed tokens (the router predicts with it too):
+        a DiT block computes each masked token once."""
+        return StepCost()
 
     def site_grids(self, grid: tuple[int, int]) -> list[tuple[int, int]]:
         """The token grid each cache site works on, for a request on ``grid``."""

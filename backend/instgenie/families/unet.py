@@ -18,7 +18,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint impo
 from PIL import Image
 
 from ..errors import UnsupportedModel
-from ..masked_unet import UNetCall, install_unet_levels, level_grid, unet_levels
+from ..masked_unet import UNetCall, install_unet_levels, unet_levels, unet_units, unit_convolutions
+from ..token_grid import StepCost, level_grid
 from .base import Family, GenerationSettings, LatentInputs, ModelInputs, TextEmbeddings, vae_input
 
 #: Latent, mask and masked-image channels of an inpainting UNet's input.
@@ -36,8 +37,10 @@ class UNetInpaintFamily(Family):
     default_steps = 50
     default_guidance = 7.5
 
-    #: Whether design (c) (sparse ResNets) is on when the model does not say.
-    default_sparse_convs: ClassVar[bool] = False
+    #: Whether design (c) (sparse ResNets) is on when the model does not say: it measured
+    #: faster than (b) at mask ratios 0.1-0.35 and end to end for both families
+    #: (docs/benchmarks/engine-sdxl-inpaint.md, engine-sd-inpaint.md).
+    default_sparse_convs: ClassVar[bool] = True
 
     def __init__(self, pipe: Any, device: torch.device, dtype: torch.dtype, sparse_convs: bool | None = None) -> None:
         """``sparse_convs``: design (c), convolutions that compute only the mask's tiles
@@ -71,6 +74,19 @@ class UNetInpaintFamily(Family):
     def blocks(self) -> list[torch.nn.Module]:
         """The attention levels: what the loading planner loads or recomputes."""
         return unet_levels(self.denoiser)
+
+    def text_tokens(self, max_sequence_length: int) -> int:
+        return int(self.pipe.tokenizer.model_max_length)  # CLIP pads to its own length
+
+    @property
+    def step_cost(self) -> StepCost:
+        """Multiply-accumulates per token of each part, from the UNet's own widths, in
+        units where a full-mask row-step costs the latent tokens of the model's native
+        size (as a DiT step would). Design (b) runs ResNets and samplers densely; (c)
+        counts them by the tokens they compute, as the attention levels."""
+        if not hasattr(self, "_step_cost"):
+            self._step_cost = _unet_step_cost(self.denoiser, self.sparse_convs)
+        return self._step_cost
 
     def sites_before(self, block: int) -> int:
         return self._site_offsets[block]
@@ -243,3 +259,29 @@ class SDXLInpaintFamily(UNetInpaintFamily):
     def added_conditions(self, inputs: ModelInputs) -> dict[str, torch.Tensor]:
         ids = self._size_ids(inputs.grid).expand(inputs.pooled.shape[0], -1)
         return {"text_embeds": inputs.pooled, "time_ids": ids}
+
+
+def _unet_step_cost(unet: torch.nn.Module, sparse_convs: bool) -> StepCost:
+    side = int(unet.config.sample_size)
+    grid = (side, side)
+    dense = 0.0  # MACs per latent token of the whole grid
+    per_depth: dict[int, float] = {}  # MACs per computed token at each depth
+    for module, kind, depth in unet_units(unet):
+        rows, cols = level_grid(grid, depth)
+        share = rows * cols / (side * side)
+        if kind == "level":
+            width, blocks = module.inner_dim, len(module.transformer_blocks)
+            # proj_in/out; per block q, k, v, out, cross q, out, GEGLU (8C^2 + 4C^2); scores and values.
+            macs = 2 * width**2 + blocks * (18 * width**2 + 2 * rows * cols * width)
+            per_depth[depth] = per_depth.get(depth, 0.0) + macs
+            continue
+        macs = sum(
+            conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            for conv in unit_convolutions(module, kind)
+        )
+        if sparse_convs:
+            per_depth[depth] = per_depth.get(depth, 0.0) + macs
+        else:
+            dense += macs * share
+    full = dense + sum(macs * level_grid(grid, d)[0] * level_grid(grid, d)[1] / (side * side) for d, macs in per_depth.items())
+    return StepCost(dense=dense / full, levels=tuple(sorted((d, macs / full) for d, macs in per_depth.items())))

@@ -37,6 +37,7 @@ class TritonPythonModel:
             limits=self.params.limits,
             cache=self.params.cache,
             costs=self.params.costs,
+            family_options=self.params.family_options,
         )
         if self.params.codec_workers:
             self.engine.use_codec(
@@ -54,9 +55,10 @@ class TritonPythonModel:
         self.metrics = TritonLoopMetrics(
             pb_utils,
             labels,
-            text_tokens=self.params.max_sequence_length,
+            text_tokens=self.engine.family.text_tokens(self.params.max_sequence_length),
             pixels_per_token=self.engine.family.pixels_per_token,
             restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
+            step_cost=self.engine.family.step_cost,
         )
         self.cache_metrics = CacheMetrics(pb_utils, labels, self.engine.store)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
