@@ -113,3 +113,32 @@ def test_unet_mixed_masks_batch_like_alone_and_bad_input_is_refused(unet_server,
     assert published is not None and published.dense == pytest.approx(family.step_cost.dense)
     assert (published.dense > 0) == (not family.sparse_convs)
     assert [d for d, _ in published.levels] == [d for d, _ in family.step_cost.levels]
+
+
+def test_perf_analyzer_loads_the_unet_server_with_prepared_input_files(unet_server, tmp_path: Path) -> None:
+    """bench/perf_analyzer/prepare.py writes input files for any family's server; Triton's
+    perf_analyzer drives the decoupled edit model with them."""
+    import importlib.util
+    import subprocess
+
+    folder = Path(__file__).resolve().parents[1] / "bench" / "perf_analyzer"
+    modules = {}
+    for name in ("fetch", "prepare"):
+        spec = importlib.util.spec_from_file_location(f"perf_analyzer_{name}", folder / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    try:
+        binary = modules["fetch"].fetch()
+    except RuntimeError as exc:  # the 2.41.1 wheel comes from PyPI
+        pytest.skip(f"perf_analyzer is not available here: {exc}")
+    url = unet_server.grpc_url
+    prepared = ["--url", url, "--size", "128", "--steps", "3", "--entries", "4", "--out-dir", str(tmp_path)]
+    assert modules["prepare"].main(prepared) == 0
+    command = [str(binary), "-m", "instgenie_edit", "-i", "grpc", "--streaming", "-u", url,
+               "--input-data", str(tmp_path / "edit.json"), "--concurrency-range", "2",
+               "--measurement-mode", "count_windows", "--measurement-request-count", "4",
+               "--stability-percentage", "500", "--max-trials", "3"]  # fmt: skip
+    run = subprocess.run(command, env=modules["fetch"].environment(binary), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Throughput:" in run.stdout and "infer/sec" in run.stdout

@@ -41,9 +41,12 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 
 # CPU GEMMs with few rows take small-matrix kernels whose rounding differs from the
 # kernels the full computation runs (measured with torch 2.13: up to 10 rows for the
-# tiny models' shapes), and so does a flash-attention query block of 1-3 rows. Rows
-# are padded past both so an edit equal to its template stays bit-exact on CPU.
+# tiny models' shapes), and so does a flash-attention query block of 1-3 rows; and a
+# row count off a multiple of 8 rounds differently in the UNets' levels, whose queries
+# are the image tokens alone (7 masks of 8 were off at an 8x8 level without it). Rows
+# are padded past all three so an edit equal to its template stays bit-exact on CPU.
 MIN_PADDED_TOKENS = 16
+ROW_MULTIPLE = 8
 _MAX_SMALL_QUERY_TAIL = 3
 
 
@@ -148,8 +151,9 @@ class TokenBatch:
             if length == 0:
                 raise ValueError("a row must compute at least one image token")
         padded_len = max(max(self.lengths), min(MIN_PADDED_TOKENS, num_tokens))
+        padded_len = min(num_tokens, -(-padded_len // ROW_MULTIPLE) * ROW_MULTIPLE)
         while padded_len < num_tokens and _small_query_tail(text_len + padded_len):
-            padded_len += 1
+            padded_len = min(num_tokens, padded_len + ROW_MULTIPLE)
         self.padded_len = padded_len
         index = torch.empty(len(self.rows), self.padded_len, dtype=torch.long, device=self.rows[0].token_index.device)
         for b, row in enumerate(self.rows):

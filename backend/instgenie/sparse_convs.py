@@ -75,7 +75,7 @@ class SparseConv(ModelHook):
     def __init__(self, site: int, level: int, slot: CallSlot) -> None:
         super().__init__()
         self.site, self.level, self.slot = site, level, slot
-        # (input shape, window shape) -> whether a window is bitwise the dense output here
+        # (input shape, dtype, window convolutions) -> whether they are bitwise the dense output here
         self._exact: dict[tuple, bool] = {}
 
     def new_forward(self, conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -112,21 +112,26 @@ class SparseConv(ModelHook):
         return output
 
     def _windows_exact(self, conv: torch.nn.Conv2d, x: torch.Tensor, windows: list[list[Window]], dense_forward: Any) -> bool:
-        """Whether every window shape of this call reproduces the dense convolution bit for bit
-        (checked once per input and window shape: kernels are chosen per shape)."""
-        shape = (tuple(x.shape), x.dtype)
-        unseen = {(h, w) for row in windows for (_, _, h, w) in row} - {key[1] for key in self._exact if key[0] == shape}
-        if unseen:
-            probe = [[next(window for row in windows for window in row if window[2:] == size)] for size in sorted(unseen)]
-            dense = dense_forward(x[:1])
-            computed = _convolve_windows(conv, x[:1].expand(len(probe), *x.shape[1:]), probe)
-            for size, row, values in zip(sorted(unseen), probe, computed):
-                (r, c, h, w), value = row[0], values[0]
-                exact = torch.equal(value, dense[0, :, r : r + h, c : c + w])
-                self._exact[(shape, size)] = exact
-                if not exact:
-                    log.warning("%s on %s windows of %s is not bitwise the dense one here; it stays dense", conv, size, shape[0])
-        return all(self._exact[(shape, (h, w))] for row in windows for (_, _, h, w) in row)
+        """Whether this call's windows reproduce the dense convolution of its rows bit for bit.
+
+        Kernels are chosen per shape, batch size included (a dense convolution of two rows
+        rounds differently from one of each), so the check is made once per input shape
+        and set of window convolutions (:func:`_window_groups`), against the dense
+        convolution of the same rows.
+        """
+        key = (tuple(x.shape), x.dtype, tuple(sorted(_window_groups(windows))))
+        if key not in self._exact:
+            dense = dense_forward(x)
+            computed = _convolve_windows(conv, x, windows)
+            exact = all(
+                torch.equal(value, dense[b, :, r : r + h, c : c + w])
+                for b, row in enumerate(windows)
+                for (r, c, h, w), value in zip(row, computed[b])
+            )
+            self._exact[key] = exact
+            if not exact:
+                log.warning("%s on windows %s of %s is not bitwise the dense one here; it stays dense", conv, key[2], key[0])
+        return self._exact[key]
 
 
 def check_sparse_conv(conv: torch.nn.Module) -> None:
@@ -143,38 +148,59 @@ def _output_grid(conv: torch.nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
 
 
 def _windows(tokens: torch.Tensor, grid: tuple[int, int]) -> list[Window]:
-    """Output windows covering ``tokens`` (raster indices on ``grid``): the tiles they
-    touch, or those tiles' bounding box when it is hardly larger (one big convolution
-    runs faster than many small ones; snapping to tiles keeps the window shapes few)."""
+    """Output windows covering ``tokens`` (raster indices on ``grid``), snapped to tiles:
+    the bounding box of the tiles they touch when it is hardly larger, else one band per
+    row of tiles, from its first touched tile to its last (few windows, few shapes: one
+    convolution each)."""
     rows, cols = grid
     side = tile_side(grid)
     tile_cols = -(-cols // side)
     touched = torch.unique((tokens // cols // side) * tile_cols + (tokens % cols) // side).tolist()
-    tile_rows_, tile_cols_ = [t // tile_cols for t in touched], [t % tile_cols for t in touched]
-    top, bottom, left, right = min(tile_rows_), max(tile_rows_) + 1, min(tile_cols_), max(tile_cols_) + 1
+    bands: dict[int, tuple[int, int]] = {}
+    for tile in touched:
+        row, col = divmod(tile, tile_cols)
+        first, last = bands.get(row, (col, col))
+        bands[row] = (min(first, col), max(last, col))
+    top, bottom = min(bands), max(bands) + 1
+    left, right = min(f for f, _ in bands.values()), max(last for _, last in bands.values()) + 1
     if (bottom - top) * (right - left) <= BOX_SLACK * len(touched):
-        r, c = top * side, left * side
-        return [(r, c, min(bottom * side, rows) - r, min(right * side, cols) - c)]
-    return [
-        (r, c, min(side, rows - r), min(side, cols - c))
-        for r, c in ((t // tile_cols * side, t % tile_cols * side) for t in touched)
-    ]
+        bands = {top: (left, right - 1)}
+        height = bottom - top
+    else:
+        height = 1
+    windows = []
+    for row, (first, last) in sorted(bands.items()):
+        r, c = row * side, first * side
+        windows.append((r, c, min((row + height) * side, rows) - r, min((last + 1) * side, cols) - c))
+    return windows
+
+
+def _window_groups(windows: list[list[Window]]) -> dict[tuple[int, int, int], list[int]]:
+    """The convolution calls of a call's windows: ``(i, rows, cols) -> batch rows``.
+
+    A row's ``i``-th window joins the other rows' ``i``-th windows of its shape, so a
+    request alone (its guidance rows computing the same windows) convolves with the
+    batch size of the dense convolution that recorded its template.
+    """
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for b, row in enumerate(windows):
+        for i, (_, _, h, w) in enumerate(row):
+            groups.setdefault((i, h, w), []).append(b)
+    return groups
 
 
 def _convolve_windows(conv: torch.nn.Conv2d, x: torch.Tensor, windows: list[list[Window]]) -> list[list[torch.Tensor]]:
-    """Each row's windows of ``conv(x)``, computed from their inputs grown by the halo, one call per window shape."""
+    """Each row's windows of ``conv(x)``, computed from their inputs grown by the halo."""
     (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
     padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    by_shape: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
-    for b, row_windows in enumerate(windows):
-        for i, (r, c, h, w) in enumerate(row_windows):
-            window = padded[b, :, r * sh : (r + h - 1) * sh + kh, c * sw : (c + w - 1) * sw + kw]
-            by_shape.setdefault((h, w), []).append((b, i, window))
-    out: list[list[torch.Tensor]] = [[None] * len(row_windows) for row_windows in windows]  # type: ignore[list-item]
-    for entries in by_shape.values():
-        windows = torch.stack([window for _, _, window in entries])
-        values = F.conv2d(windows, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
-        for (b, i, _), value in zip(entries, values):
+    out: list[list[torch.Tensor]] = [[None] * len(row) for row in windows]  # type: ignore[list-item]
+    for (i, _, _), rows in _window_groups(windows).items():
+        inputs = []
+        for b in rows:
+            r, c, h, w = windows[b][i]
+            inputs.append(padded[b, :, r * sh : (r + h - 1) * sh + kh, c * sw : (c + w - 1) * sw + kw])
+        values = F.conv2d(torch.stack(inputs), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+        for b, value in zip(rows, values):
             out[b][i] = value
     return out
 

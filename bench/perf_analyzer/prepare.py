@@ -46,7 +46,7 @@ def b64(data: bytes) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC endpoint")
-    parser.add_argument("--size", type=int, default=128, help="image side (a multiple of 16)")
+    parser.add_argument("--size", type=int, default=128, help="image side (a multiple of the family's token: 16, or 8 for UNets)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--templates", type=int, default=2)
     parser.add_argument("--entries", type=int, default=8, help="requests per file")

@@ -18,11 +18,13 @@ from .tokens import (
     PIXELS_PER_TOKEN_METRIC,
     STEP_COST_DENSE_METRIC,
     STEP_COST_WEIGHT_METRIC,
+    StepCost,
     image_token_count,
     image_work,
     mask_token_count,
     mask_work,
     step_cost_from_metrics,
+    token_mask,
 )
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "STEP_COST_DENSE_METRIC",
     "STEP_COST_WEIGHT_METRIC",
     "SYNC_MODEL",
+    "StepCost",
     "Sample",
     "ServerError",
     "check_template_id",
@@ -55,4 +58,5 @@ __all__ = [
     "parse_samples",
     "sample_sum",
     "step_cost_from_metrics",
+    "token_mask",
 ]

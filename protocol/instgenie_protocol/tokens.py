@@ -18,6 +18,20 @@ from instgenie.token_grid import StepCost, token_mask
 
 from .prometheus import parse_samples
 
+__all__ = [
+    "DEFAULT_PIXELS_PER_TOKEN",
+    "PIXELS_PER_TOKEN_METRIC",
+    "STEP_COST_DENSE_METRIC",
+    "STEP_COST_WEIGHT_METRIC",
+    "StepCost",
+    "image_token_count",
+    "image_work",
+    "mask_token_count",
+    "mask_work",
+    "step_cost_from_metrics",
+    "token_mask",
+]
+
 #: Until an instance has said otherwise: the DiT families' grid.
 DEFAULT_PIXELS_PER_TOKEN = 16
 PIXELS_PER_TOKEN_METRIC = "instgenie_pixels_per_token"

@@ -18,8 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from instgenie.token_grid import StepCost
-from instgenie_protocol import DEFAULT_PIXELS_PER_TOKEN, PIXELS_PER_TOKEN_METRIC
+from instgenie_protocol import DEFAULT_PIXELS_PER_TOKEN, PIXELS_PER_TOKEN_METRIC, StepCost
 
 __all__ = ["Instance", "InstancePool", "RequestCost"]
 

@@ -23,8 +23,8 @@ from instgenie_protocol import (
     error_message,
     image_work,
     mask_work,
+    StepCost,
 )
-from instgenie.token_grid import StepCost
 
 from .instances import RequestCost
 
