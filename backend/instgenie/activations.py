@@ -4,8 +4,9 @@ A template run records, for every denoising step, every transformer row (2 under
 classifier-free guidance) and every attention site, the post-norm (post-RoPE for
 Flux) K and V of all image tokens, and, when asked, the attention input of those
 tokens (the block's normalised hidden states, from which K and V are projected; the
-"input" cache mode stores these instead of K/V). This module is the in-memory
-recording; the :mod:`instgenie.cache` store keeps it (host memory, disk) and serves
+"input" cache mode stores these instead of K/V). The UNets also record *output
+sites*: each attention level's output and, with sparse convolutions, each
+convolution's, over every token. This module is the in-memory recording; the :mod:`instgenie.cache` store keeps it (host memory, disk) and serves
 it to edits.
 """
 
@@ -26,7 +27,7 @@ class TemplateActivations:
     def __init__(self, inputs: bool = False) -> None:
         self._kv: dict[KVKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self._inputs: dict[KVKey, torch.Tensor] | None = {} if inputs else None
-        # Output sites (a UNet attention level's last block): every token's output.
+        # Output sites (a UNet attention level's output, a convolution's): every token's output.
         self._outputs: dict[KVKey, torch.Tensor] = {}
         self.token_dims: dict[int, int] = {}  # site -> the token axis of its per-row K/V
         # The transformer's input latents ``[1, N, C]`` at each step: what a step that
@@ -78,6 +79,9 @@ class TemplateActivations:
         except KeyError:
             raise KeyError(f"no output recorded for step {step}, row {row}, site {site}") from None
 
+    def has_output(self, step: int, row: int, site: int) -> bool:
+        return (step, row, site) in self._outputs
+
     def keys(self) -> list[KVKey]:
         """The ``(step, row, site)`` of every attention site recorded."""
         return sorted(self._kv)
@@ -118,7 +122,7 @@ class StepActivations:
         return self.store.get_output(self.step, self.row, site)
 
     def stored(self, site: int) -> tuple[torch.Tensor, ...]:
-        if (self.step, self.row, site) in self.store._outputs:
+        if self.store.has_output(self.step, self.row, site):
             return (self.output(site),)
         return self.kv(site)
 

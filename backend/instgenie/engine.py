@@ -14,6 +14,7 @@ that recording.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from typing import Any, Iterable, Sequence
@@ -62,12 +63,13 @@ class Engine:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        try:
-            self.family = family_cls(pipe, self.device, dtype, **(family_options or {}))
-        except TypeError as error:
-            if not family_options:
-                raise
-            raise InvalidInput(f"{family_cls.__name__} takes none of the options {sorted(family_options)}: {error}") from None
+        family_options = family_options or {}
+        accepted = set(inspect.signature(family_cls.__init__).parameters) - {"self", "pipe", "device", "dtype"}
+        if set(family_options) - accepted:
+            raise InvalidInput(
+                f"{family_cls.__name__} takes no option {sorted(set(family_options) - accepted)} (it takes {sorted(accepted)})"
+            )
+        self.family = family_cls(pipe, self.device, dtype, **family_options)
         self.model_fingerprint = model_fingerprint
         self.max_sequence_length = max_sequence_length
         self.limits = limits
@@ -209,7 +211,7 @@ class Engine:
             timesteps=timesteps,
             template=None if computes_all else template,
             template_id=None if template is None else template.template_id,
-            row_work=family.step_cost.work(_token_grid(token_index, family.grid(settings))),
+            row_work=family.step_cost.work(masking.token_grid(token_index, family.grid(settings))),
         )
         if state.template is not None:
             # Opened at preparation, before admission: the first steps load meanwhile.
@@ -477,8 +479,3 @@ class Engine:
         finally:
             self.release(state)
 
-
-def _token_grid(token_index: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
-    tokens = np.zeros(grid[0] * grid[1], dtype=bool)
-    tokens[token_index.cpu().numpy()] = True
-    return tokens.reshape(grid)

@@ -34,7 +34,12 @@ def pool_token_index(index: torch.Tensor, grid: tuple[int, int], level: tuple[in
         if level_grid(grid, depth) == (1, 1):
             raise ValueError(f"{level} is not a 2x downsampling of the token grid {grid}")
         depth += 1
+    pooled = pool_tokens(token_grid(index, grid), depth)
+    return torch.from_numpy(np.flatnonzero(pooled)).to(index.device)
+
+
+def token_grid(index: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """Raster indices on ``grid`` as a boolean ``[rows, cols]`` grid."""
     tokens = np.zeros(grid[0] * grid[1], dtype=bool)
     tokens[index.cpu().numpy()] = True
-    pooled = pool_tokens(tokens.reshape(grid), depth)
-    return torch.from_numpy(np.flatnonzero(pooled)).to(index.device)
+    return tokens.reshape(grid)

@@ -2,26 +2,29 @@
 
 In design (b) the attention levels compute the masked tokens only and every ResNet
 runs densely. Here each convolution of the ResNets and of the down/upsamplers
-computes only the output *tiles* that hold a computed token of its grid (the latent
-mask max-pooled to it), each tile read from its input grown by the kernel's halo;
-everywhere else its output is the template's, read from the cache. Everything
-between the convolutions (GroupNorm, SiLU, the time embedding, the residual sum)
-runs densely over those cached-plus-fresh maps, as the stock modules do: a GroupNorm
-of cached statistics would round differently (5e-7 to 1e-6 off), so the invariant
-stays exact only this way.
+computes only the output *windows* that hold the computed tokens of its grid (the
+latent mask max-pooled to it: tiles, merged into their bounding box or into one band
+per row of tiles), each read from its input grown by the kernel's halo; everywhere
+else its output is the template's, read from the cache. Everything between the
+convolutions (GroupNorm, SiLU, the time embedding, the residual sum) runs densely
+over those cached-plus-fresh maps, as the stock modules do: a GroupNorm of cached
+statistics would round differently (5e-7 to 1e-6 off), so the invariant stays exact
+only this way.
 
 A hook replaces each convolution's forward (``diffusers.hooks``' ``new_forward``);
-the ResNet and sampler modules themselves run unmodified. A convolution of a tile is
-bitwise the dense one's output on the CPUs we know, but kernels are chosen per shape:
-the first sparse call of each input shape checks it against the dense convolution on
-CPU and, if any bit differs, that convolution stays dense for that shape (a logged
-fallback), so an edit equal to its template is bit-exact on any CPU.
+the ResNet and sampler modules themselves run unmodified. CPU convolution kernels
+are chosen per shape, batch size included: a dense convolution of two rows rounds
+differently from one of each. So a window is convolved together with the other rows'
+windows at its position (a request's two guidance rows: the batch of the dense
+convolution that recorded its template), and on CPU the first call of each input
+shape and window set is checked against the dense convolution; where a bit differs,
+the windows are cut from a dense convolution instead (a logged fallback). An edit
+equal to its template is then bit-exact on any CPU.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,11 +43,12 @@ log = logging.getLogger(__name__)
 SPARSE_CONV_HOOK = HOOK_PREFIX + "sparse_conv"
 #: Output tiles per grid side, and the bounds of a tile's side: small enough to
 #: follow a mask's outline on the coarse grids, where most convolution FLOPs are, large
-#: enough that per-tile overheads (the halo read, one window copy) stay small.
-TILES_PER_SIDE = int(os.environ.get("INSTGENIE_TILES_PER_SIDE", "8"))
-MIN_TILE, MAX_TILE = int(os.environ.get("INSTGENIE_MIN_TILE", "4")), 8
-#: A tiles' bounding box is computed instead when it holds at most this many times their count.
-BOX_SLACK = float(os.environ.get("INSTGENIE_BOX_SLACK", "1.5"))
+#: enough that per-window overheads (the halo read, one window copy) stay small.
+TILES_PER_SIDE = 8
+MIN_TILE, MAX_TILE = 4, 8
+#: The touched tiles' bounding box is computed instead of bands when it holds at most
+#: this many times their count (one big convolution beats several smaller ones).
+BOX_SLACK = 1.5
 
 
 def tile_side(grid: tuple[int, int]) -> int:
@@ -63,7 +67,7 @@ Window = tuple[int, int, int, int]  # (row, col, rows, cols) of output on the ou
 
 
 class SparseConv(ModelHook):
-    """On one ``Conv2d``: compute the tiles of computed tokens, the template's output elsewhere.
+    """On one ``Conv2d``: compute the windows of computed tokens, the template's output elsewhere.
 
     Args:
         site: the cache site of this convolution's output.
@@ -135,7 +139,7 @@ class SparseConv(ModelHook):
 
 
 def check_sparse_conv(conv: torch.nn.Module) -> None:
-    """Raise ``TypeError`` for a convolution the tiles cannot reproduce."""
+    """Raise ``TypeError`` for a convolution the windows cannot reproduce."""
     if not isinstance(conv, torch.nn.Conv2d) or conv.padding_mode != "zeros" or conv.dilation != (1, 1):
         raise TypeError(f"sparse convolutions need a zero-padded, undilated Conv2d, got {conv}")
     if isinstance(conv.padding, str):
