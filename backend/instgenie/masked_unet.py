@@ -19,8 +19,11 @@ the spatial map, it is the first block's input .. the last block's output.
 
 Cache sites per level, in call order: one per transformer block (its
 self-attention's K/V or input), then one *output site* (the level's output at the
-scatter point). A call that recomputes its first ``full_blocks`` levels runs them
-densely and reads nothing there (the loading planner's prefix, counted in levels).
+scatter point); with sparse convolutions (design (c), :mod:`instgenie.sparse_convs`)
+each convolution's output is a site too, numbered in call order among them. A call
+that recomputes its first ``full_blocks`` levels runs them (and the convolutions
+before them) densely and reads nothing there (the loading planner's prefix, counted
+in levels).
 """
 
 from __future__ import annotations
