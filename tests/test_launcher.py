@@ -360,7 +360,7 @@ def test_the_cache_mode_examples_in_the_help_are_modes_the_model_accepts() -> No
 def test_serve_sets_cache_parameters_only_where_declared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    for name, keys in (("edit", ("model_dir", "cache_dir", "cache_mode")), ("baseline", ("model_dir",))):
+    for name, keys in (("edit", ("model_dir", "cache_dir", "cache_mode", "sparse_convs")), ("baseline", ("model_dir",))):
         (tmp_path / name).mkdir()
         blocks = "".join(f'parameters {{ key: "{key}" value {{ string_value: "" }} }}\n' for key in keys)
         (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\n{blocks}')
@@ -368,12 +368,14 @@ def test_serve_sets_cache_parameters_only_where_declared(tmp_path: Path, monkeyp
     monkeypatch.setenv("INSTGENIE_MODEL", "/models/flux-fill")
     parser = argparse.ArgumentParser()
     add_serve_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--cache-mode", "kv-bfloat16-unmasked", "--dtype", "bfloat16"])
+    args = parser.parse_args(["serve", "--cache-mode", "kv-bfloat16-unmasked", "--dtype", "bfloat16", "--sparse-convs", "off"])
     assert args.model == "/models/flux-fill"  # environment-driven, as the container images set it
     parameters = serve_parameters(args, tmp_path, Path(args.model))
     common = {"model_dir": "/models/flux-fill", "device": "cpu", "dtype": "bfloat16"}
     assert parameters["baseline"] == common
-    assert parameters["edit"] == common | {"cache_dir": "/var/cache/instgenie", "cache_mode": "kv-bfloat16-unmasked"}
+    assert parameters["edit"] == common | {
+        "cache_dir": "/var/cache/instgenie", "cache_mode": "kv-bfloat16-unmasked", "sparse_convs": "off"
+    }
 
 
 def test_serve_runs_until_sigterm(triton_repository: Path, tmp_path: Path) -> None:

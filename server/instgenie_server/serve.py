@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 #: ``serve`` options forwarded as config parameters to every model that declares ``model_dir``.
 _FORWARDED = ("model_dir", "device", "dtype", "max_active", "max_waiting", "max_sequence_length")
 # Set only on the models that declare them (the edit model's activation cache).
-_FORWARDED_WHERE_DECLARED = ("cache_dir", "cache_mode", "cache_budget_bytes", "cost_model")
+_FORWARDED_WHERE_DECLARED = ("cache_dir", "cache_mode", "cache_budget_bytes", "cost_model", "sparse_convs")
 
 
 def _default_model() -> Path:
@@ -166,6 +166,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--cost-model",
         default=os.environ.get("INSTGENIE_COST_MODEL") or None,
         help="costs.json from `instgenie profile` (default: $INSTGENIE_COST_MODEL, else load every cached block)",
+    )
+    serve.add_argument(
+        "--sparse-convs", choices=("on", "off"), help="UNet models: design (c) sparse convolutions or (b) (default: the family's, on)"
     )
     serve.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
