@@ -119,8 +119,13 @@ def compose() -> dict[str, Any]:
 
 
 def compose_services(role: str) -> dict[str, tuple[dict[str, Any], argparse.Namespace]]:
-    """Compose services whose command is ``instgenie <role>``, with their parsed commands."""
-    services = {name: (service, parse_command(service["command"])) for name, service in compose()["services"].items()}
+    """Compose services whose command is ``instgenie <role>``, with their parsed commands
+    (the metrics services, Prometheus and Grafana, run other images)."""
+    services = {
+        name: (service, parse_command(service["command"]))
+        for name, service in compose()["services"].items()
+        if service.get("command", [None])[0] == "instgenie"
+    }
     return {name: pair for name, pair in services.items() if pair[1].command == role}
 
 

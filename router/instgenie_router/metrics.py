@@ -13,6 +13,18 @@ from collections import defaultdict
 __all__ = ["RouterMetrics"]
 
 _DECISION_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+#: Counters published from the start (at 0, without an instance label), so a dashboard
+#: or alert over them finds the series before the first event.
+COUNTERS = (
+    "instgenie_router_routed_total",
+    "instgenie_router_failed_total",
+    "instgenie_router_retried_total",
+    "instgenie_router_ejections_total",
+    "instgenie_router_rejoins_total",
+    "instgenie_router_departures_total",
+    "instgenie_router_replayed_registrations_total",
+)
+GAUGES = ("instgenie_router_in_flight_requests",)
 
 
 class RouterMetrics:
@@ -24,6 +36,10 @@ class RouterMetrics:
         self._buckets = [0] * (len(_DECISION_BUCKETS) + 1)
         self._decision_sum = 0.0
         self._decision_count = 0
+        for name in COUNTERS:
+            self._counters[(name, "")] = 0.0
+        for name in GAUGES:
+            self._gauges[name] = 0.0
 
     def count(self, name: str, instance: str = "", by: float = 1.0) -> None:
         with self._lock:
