@@ -7,9 +7,11 @@ shapes, missing inputs), so they build requests with tritonclient directly.
 from __future__ import annotations
 
 import queue
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -122,3 +124,54 @@ def baseline_png(http_url: str, fields: dict, request_id: str) -> bytes:
         return client.infer("diffusers_baseline", inputs, request_id=request_id).as_numpy("EDITED_IMAGE")[0][0]
     finally:
         client.close()
+
+
+def register(url: str, image: bytes, prompt: str = "a room", **fields) -> str:
+    """Register a template over one gRPC stream; its id."""
+    stream = Stream(url)
+    try:
+        call = stream.call({"ACTION": "register", "IMAGE": image, "PROMPT": prompt, **fields}, f"reg-{time.monotonic_ns()}")
+    finally:
+        stream.close()
+    assert call.error is None, call.error
+    return call.outputs["TEMPLATE"][0].decode()
+
+
+def perf_analyzer_inputs(url: str, out_dir: Path, *, steps: int, entries: int) -> Path:
+    """Fetch perf_analyzer and write its input files with ``bench/perf_analyzer/prepare.py``
+    against ``url`` (which registers their templates); the binary. Skips the test where
+    the perf_analyzer wheel cannot be fetched."""
+    import pytest
+
+    modules = {name: _perf_analyzer_module(name) for name in ("fetch", "prepare")}
+    try:
+        binary = modules["fetch"].fetch()
+    except RuntimeError as exc:  # the 2.41.1 wheel comes from PyPI
+        pytest.skip(f"perf_analyzer is not available here: {exc}")
+    prepared = ["--url", url, "--size", "128", "--steps", str(steps), "--entries", str(entries), "--out-dir", str(out_dir)]
+    assert modules["prepare"].main(prepared) == 0
+    return binary
+
+
+def run_perf_analyzer(binary: Path, url: str, out_dir: Path, *, entries: int, concurrency: int) -> str:
+    """perf_analyzer over the edit requests of ``out_dir``; its report (asserted to have run)."""
+    command = [str(binary), "-m", "instgenie_edit", "-i", "grpc", "--streaming", "-u", url,
+               "--input-data", str(out_dir / "edit.json"), "--concurrency-range", str(concurrency),
+               "--measurement-mode", "count_windows", "--measurement-request-count", str(entries),
+               "--stability-percentage", "500", "--max-trials", "5"]  # fmt: skip
+    environment = _perf_analyzer_module("fetch").environment(binary)
+    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Throughput:" in run.stdout and "infer/sec" in run.stdout
+    return run.stdout
+
+
+def _perf_analyzer_module(name: str):  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "perf_analyzer" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"perf_analyzer_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

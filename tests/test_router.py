@@ -28,7 +28,7 @@ from instgenie_router.policies import SPEED_SPREAD, LeastRequests, MaskAware, Ro
 from instgenie_router.requests import inspect
 from instgenie_router.service import Router, RouterConfig
 from instgenie_router.signals import parse_metrics
-from serving_calls import metric, metrics
+from serving_calls import metric, metrics, perf_analyzer_inputs, run_perf_analyzer
 
 STEPS = 3
 INSTANCES = 3
@@ -426,31 +426,10 @@ def test_plain_tritonclient_sees_the_router_as_a_triton_server(router: Router) -
 
 def test_perf_analyzer_measures_the_fleet_through_the_router(router: Router, tmp_path: Path) -> None:
     """Triton's own load generator, unchanged, against the router (decoupled model: gRPC streaming)."""
-    import importlib.util
-    import subprocess
-
-    folder = Path(__file__).resolve().parents[1] / "bench" / "perf_analyzer"
-    modules = {}
-    for name in ("fetch", "prepare"):
-        spec = importlib.util.spec_from_file_location(f"perf_analyzer_{name}", folder / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules[name])
-    try:
-        binary = modules["fetch"].fetch()
-    except RuntimeError as exc:  # the 2.41.1 wheel comes from PyPI
-        pytest.skip(f"perf_analyzer is not available here: {exc}")
     url = f"127.0.0.1:{router.grpc_port}"
-    prepared = ["--url", url, "--size", "128", "--steps", str(STEPS), "--entries", "6", "--out-dir", str(tmp_path)]
-    assert modules["prepare"].main(prepared) == 0  # registers its templates through the router
+    binary = perf_analyzer_inputs(url, tmp_path, steps=STEPS, entries=6)  # registers its templates through the router
     before = _routed(router)
-    command = [str(binary), "-m", "instgenie_edit", "-i", "grpc", "--streaming", "-u", url,
-               "--input-data", str(tmp_path / "edit.json"), "--concurrency-range", "3",
-               "--measurement-mode", "count_windows", "--measurement-request-count", "6",
-               "--stability-percentage", "500", "--max-trials", "5"]  # fmt: skip
-    run = subprocess.run(command, env=modules["fetch"].environment(binary), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Throughput:" in run.stdout and "infer/sec" in run.stdout
+    run_perf_analyzer(binary, url, tmp_path, entries=6, concurrency=3)
     spread = {name: count - before[name] for name, count in _routed(router).items()}
     assert sum(spread.values()) >= 6 and sum(1 for count in spread.values() if count > 0) >= 2, spread
 

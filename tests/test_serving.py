@@ -13,19 +13,9 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from conftest import SERVER_MAX_WAITING, TEXT_LEN, png, rect_mask, template_image
-from serving_calls import Stream, baseline_png, metric, metrics, tensor
+from serving_calls import Stream, baseline_png, metric, metrics, register, tensor
 
 LONG_STEPS = 40  # a tiny-model step is ~10-20 ms: long enough to overlap with
-
-
-def register(url: str, image: bytes, prompt: str = "a room", **fields) -> str:
-    stream = Stream(url)
-    try:
-        call = stream.call({"ACTION": "register", "IMAGE": image, "PROMPT": prompt, **fields}, f"reg-{time.monotonic_ns()}")
-    finally:
-        stream.close()
-    assert call.error is None, call.error
-    return call.outputs["TEMPLATE"][0].decode()
 
 
 def pixels(call) -> np.ndarray:

@@ -9,7 +9,6 @@ serving the same folder, a bad input, and the token grid the router counts on.
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 
 from conftest import TEXT_LEN, family_of, png, rect_mask, template_image
 from instgenie_protocol import step_cost_from_metrics
-from serving_calls import Stream, baseline_png, metric, metrics
+from serving_calls import Stream, baseline_png, metric, metrics, perf_analyzer_inputs, register, run_perf_analyzer
 
 # SDXL in design (b), SD 1.5 in (c), set by the model parameter sparse_convs.
 UNET_VARIANTS = ("sdxl-inpaint+b", "sd-inpaint")
@@ -47,23 +46,13 @@ def unet_server(unet_family: str, engines, model_dirs: dict[str, Path], tmp_path
         yield server
 
 
-def _register(url: str, fields: dict) -> str:
-    stream = Stream(url)
-    try:
-        call = stream.call({"ACTION": "register", **fields}, f"reg-{time.monotonic_ns()}")
-    finally:
-        stream.close()
-    assert call.error is None, call.error
-    return call.outputs["TEMPLATE"][0].decode()
-
-
 def _pixels(call) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(call.outputs["EDITED_IMAGE"][0])))
 
 
 def test_unet_edit_equal_to_its_template_matches_the_baseline(unet_server) -> None:
     image, mask = png(template_image(31)), png(rect_mask(0.3, seed=6))
-    template_id = _register(unet_server.grpc_url, {"IMAGE": image, "PROMPT": "a chair", "SEED": 9, "STEPS": 3, "MASK": mask})
+    template_id = register(unet_server.grpc_url, image, "a chair", SEED=9, STEPS=3, MASK=mask)
     stream = Stream(unet_server.grpc_url)
     try:
         masked = stream.call({"TEMPLATE_ID": template_id, "MASK": mask, "PROMPT": "a chair"}, "unet-masked")
@@ -79,7 +68,7 @@ def test_unet_edit_equal_to_its_template_matches_the_baseline(unet_server) -> No
 
 def test_unet_mixed_masks_batch_like_alone_and_bad_input_is_refused(unet_server, unet_family: str, engines) -> None:
     url = unet_server.grpc_url
-    template_id = _register(url, {"IMAGE": png(template_image(32)), "PROMPT": "a room", "STEPS": 6})
+    template_id = register(url, png(template_image(32)), STEPS=6)
     fields = [
         {"TEMPLATE_ID": template_id, "MASK": png(rect_mask(0.1, seed=1)), "PROMPT": "a lamp"},
         {"TEMPLATE_ID": template_id, "MASK": png(rect_mask(0.4, seed=2)), "PROMPT": "a cat"},
@@ -118,27 +107,5 @@ def test_unet_mixed_masks_batch_like_alone_and_bad_input_is_refused(unet_server,
 def test_perf_analyzer_loads_the_unet_server_with_prepared_input_files(unet_server, tmp_path: Path) -> None:
     """bench/perf_analyzer/prepare.py writes input files for any family's server; Triton's
     perf_analyzer drives the decoupled edit model with them."""
-    import importlib.util
-    import subprocess
-
-    folder = Path(__file__).resolve().parents[1] / "bench" / "perf_analyzer"
-    modules = {}
-    for name in ("fetch", "prepare"):
-        spec = importlib.util.spec_from_file_location(f"perf_analyzer_{name}", folder / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules[name])
-    try:
-        binary = modules["fetch"].fetch()
-    except RuntimeError as exc:  # the 2.41.1 wheel comes from PyPI
-        pytest.skip(f"perf_analyzer is not available here: {exc}")
-    url = unet_server.grpc_url
-    prepared = ["--url", url, "--size", "128", "--steps", "3", "--entries", "4", "--out-dir", str(tmp_path)]
-    assert modules["prepare"].main(prepared) == 0
-    command = [str(binary), "-m", "instgenie_edit", "-i", "grpc", "--streaming", "-u", url,
-               "--input-data", str(tmp_path / "edit.json"), "--concurrency-range", "2",
-               "--measurement-mode", "count_windows", "--measurement-request-count", "4",
-               "--stability-percentage", "500", "--max-trials", "3"]  # fmt: skip
-    run = subprocess.run(command, env=modules["fetch"].environment(binary), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Throughput:" in run.stdout and "infer/sec" in run.stdout
+    binary = perf_analyzer_inputs(unet_server.grpc_url, tmp_path, steps=3, entries=4)
+    run_perf_analyzer(binary, unet_server.grpc_url, tmp_path, entries=4, concurrency=2)
