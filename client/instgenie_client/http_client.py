@@ -32,7 +32,7 @@ from . import (
     register_inputs,
     request_inputs,
 )
-from instgenie_protocol import EDIT_MODEL
+from instgenie_protocol import EDIT_MODEL, sse_data
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -157,25 +157,19 @@ def _events(
     response: http.client.HTTPResponse, sock: socket.socket, clock: ResponseClock, request_id: str
 ) -> Iterator[dict[str, Any]]:
     """The JSON payloads of the ``data:`` events of an SSE body, until it ends or a limit of ``clock`` passes."""
-    data: list[str] = []
-    while True:
+
+    def readline() -> bytes:
         left = clock.left_s()
         if left is not None:
             if left <= 0:
                 raise clock.expired(request_id)
             sock.settimeout(left)  # the next read waits at most until a limit passes
         line = response.readline()
-        if not line:
-            break
-        clock.heard()
-        text = line.decode("utf-8").rstrip("\r\n")
-        if text.startswith("data:"):
-            data.append(text[5:].lstrip(" "))
-        elif not text and data:  # a blank line ends an event
-            yield json.loads("\n".join(data))
-            data = []
-    if data:
-        yield json.loads("\n".join(data))
+        if line:
+            clock.heard()
+        return line
+
+    return sse_data(readline)
 
 
 def _error_text(body: bytes) -> str:

@@ -3,7 +3,7 @@
 One small layer above the engine and below everything that talks over the network:
 model and tensor names (:mod:`.names`) and reading them (:mod:`.requests`), error reasons with their Triton and HTTP status
 codes and their message format (:mod:`.errors`), the template-id form
-(:mod:`.template_ids`), the latent-token cost of a mask (:mod:`.tokens`) and the
+(:mod:`.template_ids`), server-sent events (:mod:`.sse`), the latent-token cost of a mask (:mod:`.tokens`) and the
 Prometheus text the instances publish (:mod:`.prometheus`). It imports no torch, no
 Triton and no gRPC, so a client or the router stays light.
 """
@@ -12,6 +12,7 @@ from .errors import ERROR_CODES, HTTP_STATUS, ServerError, error_code, error_mes
 from .names import ACTIONS, BASELINE_MODEL, EDIT_MODEL, INPUTS, OUTPUTS, SYNC_MODEL
 from .prometheus import Sample, parse_samples, sample_sum
 from .requests import ParsedRequest, decode_blob, parse_request
+from .sse import sse_data, sse_event
 from .template_ids import check_template_id, is_template_id
 from .tokens import (
     DEFAULT_PIXELS_PER_TOKEN,
@@ -57,6 +58,8 @@ __all__ = [
     "parse_request",
     "parse_samples",
     "sample_sum",
+    "sse_data",
+    "sse_event",
     "step_cost_from_metrics",
     "token_mask",
 ]

@@ -43,6 +43,11 @@ class RouterConfig:
     max_in_flight: int = 256
     request_timeout_s: float = 600.0
     remembered_registrations: int = 256  # replayed on instances that join later
+    # The OpenAI endpoint (/v1/images/edits): a form's size, the images one asks for
+    # (``n``), and the pixels of an upload (the instances' own default limit).
+    max_upload_bytes: int = 64 * 1024 * 1024
+    max_images_per_request: int = 4
+    max_image_pixels: int = 2048 * 2048
 
     @classmethod
     def build(cls, file: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> "RouterConfig":

@@ -137,14 +137,15 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             self.scraper.set_health(instance, False)
 
-    def _admit(self) -> None:
+    def admit(self) -> None:
+        """Count one more request held; raises ``Overloaded`` at ``max_in_flight`` (pair with :meth:`leave`)."""
         with self._in_flight_lock:
             if self._in_flight >= self.max_in_flight:
                 raise Overloaded(f"the router holds {self.max_in_flight} requests; retry later")
             self._in_flight += 1
             self.metrics.gauge("instgenie_router_in_flight_requests", self._in_flight)
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         with self._in_flight_lock:
             self._in_flight -= 1
             self.metrics.gauge("instgenie_router_in_flight_requests", self._in_flight)
@@ -201,7 +202,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference ------------------------------------------------------------------------
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            self._admit()
+            self.admit()
         except Overloaded as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
@@ -230,7 +231,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
                     self.pool.finish(instance, key)
             context.abort(grpc.StatusCode.UNAVAILABLE, f"no instance served the request in {self.max_attempts} attempts")
         finally:
-            self._leave()
+            self.leave()
 
     def ModelStreamInfer(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         responses: queue.Queue[Any] = queue.Queue()
@@ -265,7 +266,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _serve(self, request: Any, stream: "_ClientStream") -> None:
         """Forward one streamed request (with retries); always ends with ``_FINISHED``."""
         try:
-            self._admit()
+            self.admit()
         except Overloaded as exc:
             stream.send(_error_response(request, "overloaded", str(exc)))
             stream.send(_FINISHED)
@@ -283,7 +284,7 @@ class GrpcRouter(service_pb2_grpc.GRPCInferenceServiceServicer):
             log.exception("routing request %s failed", request.id)
             stream.send(_error_response(request, "router_error", f"{type(exc).__name__}: {exc}"))
         finally:
-            self._leave()
+            self.leave()
             stream.send(_FINISHED)
 
     def _with_record_cost(self, cost: RequestCost) -> RequestCost:

@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 from instgenie_protocol import error_message
 
 from .broadcast import register_everywhere
+from .grpc_proxy import NoInstance
 from .instances import Instance, RequestCost
 from .requests import inspect_json, template_id_error
 
 if TYPE_CHECKING:
     from .service import Router
 
-__all__ = ["forward"]
+__all__ = ["forward", "open_routed"]
 
 log = logging.getLogger("instgenie.router")
 
@@ -57,33 +58,47 @@ def forward(handler: BaseHTTPRequestHandler, router: "Router", method: str) -> N
     if register:
         _broadcast(router, handler, method, body, cost)
         return
+    try:
+        instance, key, upstream = open_routed(router, method, handler.path, body, _forwarded_headers(handler), cost)
+    except NoInstance as exc:
+        _reply_error(handler, 503, f"no healthy instance: {exc}")
+        return
+    _relay(router, instance, key, upstream, handler, request_id)
+
+
+def open_routed(
+    router: "Router", method: str, path: str, body: bytes, headers: dict[str, str], cost: RequestCost
+) -> tuple[Instance, str, http.client.HTTPConnection]:
+    """Send a request to the policy's instance for ``cost``, booked there under the key
+    returned (the caller ends with ``router.pool.finish(instance, key)``); an instance
+    that cannot be reached is marked unhealthy and the next one tried.
+
+    Raises:
+        NoInstance: no healthy instance is left to try.
+    """
     tried: set[str] = set()
     while True:
         key = uuid.uuid4().hex
-        try:
-            instance = router.grpc.choose(cost, tried, key)
-        except Exception as exc:  # NoInstance
-            _reply_error(handler, 503, f"no healthy instance: {exc}")
-            return
+        instance = router.grpc.choose(cost, tried, key)
         tried.add(instance.name)
         try:
-            upstream = _open(instance, handler, method, body, router.config.request_timeout_s)
+            return instance, key, _open(instance, method, path, body, headers, router.config.request_timeout_s)
         except OSError as exc:
             router.pool.finish(instance, key)
-            log.warning("HTTP %s %s: %s unreachable (%s); retrying elsewhere", method, handler.path, instance.name, exc)
+            log.warning("HTTP %s %s: %s unreachable (%s); retrying elsewhere", method, path, instance.name, exc)
             router.scraper.set_health(instance, False)
             router.metrics.count("instgenie_router_retried_total", instance.name)
-            continue
-        _relay(router, instance, key, upstream, handler, request_id)
-        return
+
+
+def _forwarded_headers(handler: BaseHTTPRequestHandler) -> dict[str, str]:
+    return {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
 
 
 def _open(
-    instance: Instance, handler: BaseHTTPRequestHandler, method: str, body: bytes, timeout_s: float
+    instance: Instance, method: str, path: str, body: bytes, headers: dict[str, str], timeout_s: float
 ) -> http.client.HTTPConnection:
     connection = http.client.HTTPConnection(instance.host, instance.http_port, timeout=timeout_s)
-    headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
-    connection.request(method, handler.path, body=body or None, headers=headers)
+    connection.request(method, path, body=body or None, headers=headers)
     return connection
 
 
@@ -151,7 +166,7 @@ def _broadcast(router: "Router", handler: BaseHTTPRequestHandler, method: str, b
         return
 
     def register(instance: Instance) -> tuple[int, list[tuple[str, str]], bytes]:
-        connection = _open(instance, handler, method, body, router.config.request_timeout_s)
+        connection = _open(instance, method, handler.path, body, _forwarded_headers(handler), router.config.request_timeout_s)
         try:
             response = connection.getresponse()
             return response.status, response.getheaders(), response.read()

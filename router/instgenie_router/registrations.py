@@ -48,6 +48,17 @@ class Registrations:
         with self._lock:
             return [(t, request, cost) for t, (request, cost) in self._requests.items() if t not in held]
 
+    def template_ids(self) -> list[str]:
+        """The remembered templates, most recently registered last."""
+        with self._lock:
+            return list(self._requests)
+
+    def request(self, template_id: str) -> Any | None:
+        """The registration request of ``template_id`` (its inputs hold the template image), if remembered."""
+        with self._lock:
+            entry = self._requests.get(template_id)
+        return None if entry is None else entry[0]
+
     def __len__(self) -> int:
         return len(self._requests)
 

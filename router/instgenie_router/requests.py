@@ -28,7 +28,7 @@ from instgenie_protocol import (
 
 from .instances import RequestCost
 
-__all__ = ["EditRequestInfo", "inspect", "inspect_json", "template_id_error"]
+__all__ = ["EditRequestInfo", "input_values", "inspect", "inspect_json", "template_id_error"]
 
 @dataclass(frozen=True)
 class EditRequestInfo:
@@ -41,7 +41,7 @@ def inspect(
     request: object, default_steps: int = 28, pixels_per_token: int = DEFAULT_PIXELS_PER_TOKEN, cost: StepCost = StepCost()
 ) -> EditRequestInfo:
     """Routing facts of a ``ModelInferRequest``; its cost is ``cost``'s work on the instances' grid."""
-    return _facts(_inputs(request), default_steps, pixels_per_token, cost)
+    return _facts(input_values(request), default_steps, pixels_per_token, cost)
 
 
 def inspect_json(
@@ -90,7 +90,7 @@ def template_id_error(info: EditRequestInfo, request_id: str) -> str | None:
     return None
 
 
-def _inputs(request: object) -> dict[str, bytes]:
+def input_values(request: object) -> dict[str, bytes]:
     """First element of each input as bytes (BYTES: the element; numbers: raw little-endian)."""
     values: dict[str, bytes] = {}
     raw = list(getattr(request, "raw_input_contents", []))

@@ -2,20 +2,23 @@
 
 Ports given as 0 are picked free. The HTTP port answers ``/v2/health/live`` and
 ``/v2/health/ready`` itself and forwards every other ``/v2`` request
-(:mod:`~instgenie_router.http_proxy`); the metrics port serves the router's
-Prometheus metrics.
+(:mod:`~instgenie_router.http_proxy`); it also speaks the OpenAI Images API under
+``/v1`` (:mod:`~instgenie_router.openai_api`) and serves the browser playground at
+``/``. The metrics port serves the router's Prometheus metrics.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from importlib import resources
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
+from . import openai_api
 from .config import RouterConfig
 from .discovery import Discovery, Resolver, resolve_addresses, split_specs
 from .grpc_proxy import _MESSAGE_BYTES, GrpcRouter
@@ -29,6 +32,8 @@ from .signals import Scraper
 __all__ = ["Router", "RouterConfig"]
 
 log = logging.getLogger("instgenie.router")
+
+_PLAYGROUND = resources.files("instgenie_router") / "playground" / "index.html"
 
 
 class Router:
@@ -108,6 +113,7 @@ class Router:
 def _handler(router: Router, metrics_only: bool) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            path = self.path.partition("?")[0]
             if self.path == "/metrics":
                 self._reply(200, router.metrics.render().encode(), "text/plain; version=0.0.4")
             elif not metrics_only and self.path == "/v2/health/live":
@@ -116,12 +122,20 @@ def _handler(router: Router, metrics_only: bool) -> type[BaseHTTPRequestHandler]
                 self._reply(200 if router.pool.healthy() else 503, b"")
             elif not metrics_only and self.path.startswith("/v2/"):
                 forward(self, router, "GET")
+            elif not metrics_only and path in ("/", "/index.html"):
+                self._reply(200, _PLAYGROUND.read_bytes(), "text/html; charset=utf-8")
+            elif not metrics_only and path == "/v1/models":
+                openai_api.handle_models(self, router)
+            elif not metrics_only and path.startswith("/v1/templates"):
+                openai_api.handle_templates(self, router, path)
             else:
                 self._reply(404, b'{"error":"not found"}', "application/json")
 
         def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
             if not metrics_only and self.path.startswith("/v2/"):
                 forward(self, router, "POST")
+            elif not metrics_only and self.path.partition("?")[0] == "/v1/images/edits":
+                openai_api.handle_edit(self, router)
             else:
                 self._reply(404, b'{"error":"not found"}', "application/json")
 
