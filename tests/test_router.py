@@ -453,6 +453,25 @@ def test_http_clients_work_through_the_router(router: Router, instances) -> None
         plain.close()
 
 
+def test_edits_of_one_raw_image_follow_its_hash_to_the_instance_that_records_it(router: Router, instances) -> None:  # type: ignore[no-untyped-def]
+    _wait_idle_and_healthy(router)
+    client = InstGenIEClient(f"127.0.0.1:{router.grpc_port}", timeout_s=120)
+    image, mask = png(template_image(36)), png(rect_mask(0.25, seed=36))
+    before = _routed(router)
+    results = []
+    for attempt in range(4):
+        results.append(client.edit(mask, "a rug", image=image, seed=2, steps=STEPS))
+        if attempt == 1:  # the second sight: the instance records the image in the background
+            deadline = time.monotonic() + 60
+            while not any(metric(metrics(s.metrics_url), "instgenie_auto_registrations_total") for s in instances):
+                assert time.monotonic() < deadline, "no instance recorded the raw image"
+                time.sleep(0.1)
+    grew = [name for name, count in _routed(router).items() if count > before[name]]
+    assert len(grew) == 1  # every edit of the picture went to one instance
+    assert results[0].computed_tokens == results[0].num_tokens
+    assert all(r.template_id is not None and r.computed_tokens < r.num_tokens for r in results[2:])
+
+
 def _wait_routed(router: Router, total: float, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while sum(_routed(router).values()) < total:

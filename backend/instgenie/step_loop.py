@@ -27,12 +27,13 @@ from typing import Callable, Protocol
 
 import torch
 
+from .auto_register import AutoRegistrar
 from .engine import Engine
 from .states import RequestState
 from .errors import CacheCorrupt, Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
 from .requests import EditRequest
 from .scheduler import FcfsScheduler, Scheduler
-from .templates import TemplateSpec
+from .templates import TemplateRecord, TemplateSpec
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ class LoopObserver:
     def template_lookup(self, hit: bool) -> None:
         pass
 
+    def auto_template(self, hit: bool) -> None:
+        """An edit of a raw image found the template it became (or did not)."""
+
+    def auto_registered(self) -> None:
+        """A raw image was recorded as a template (:mod:`~instgenie.auto_register`)."""
+
 
 class _Phase(enum.Enum):
     PREPARING = "preparing"
@@ -124,6 +131,8 @@ class _Job:
     ready_at_step: int = 0  # the loop's step count when the job became ready
     first_step_at: float | None = None
     spec: TemplateSpec | None = None  # a registration decoded already (the loop recording a template again)
+    auto_key: str | None = None  # the raw image this recording is of (auto-registration)
+    record_after: tuple[str, TemplateSpec] | None = None  # (key, spec) of a recording to queue once this edit settles
 
 
 @dataclass
@@ -138,7 +147,9 @@ class StepLoop:
     ``max_waiting`` bounds requests accepted but not yet stepping (being prepared
     or prepared): beyond it ``submit`` fails the request at once with
     :class:`~instgenie.errors.QueueFull`. The running batch is bounded by the
-    scheduler's ``max_active``.
+    scheduler's ``max_active``. ``auto_register``: edits of raw images find (and,
+    by its policy, record) templates of those images; ``None``: a raw image is
+    always computed in full.
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class StepLoop:
         workers: int = 2,
         observer: LoopObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        auto_register: AutoRegistrar | None = None,
     ) -> None:
         if max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
@@ -157,6 +169,7 @@ class StepLoop:
         self.scheduler: Scheduler = scheduler or FcfsScheduler()
         self.max_waiting = max_waiting
         self.observer = observer or LoopObserver()
+        self.auto_register = auto_register
         self._clock = clock
         self._torch_threads = torch.get_num_threads()
         self._queues = _Queues()
@@ -268,6 +281,9 @@ class StepLoop:
             )
             known = engine.has_template(spec.template_id)
             self.observer.template_lookup(known)
+            if job.auto_key is None and self.auto_register is not None:  # a client's: never dropped as an auto one
+                self.auto_register.registered(spec.template_id)
+                engine.store.host.mark_expendable(spec.template_id, False)
             if known:  # registration is idempotent: same content and settings, same id
                 num_tokens = engine.family.num_tokens(spec.settings)
                 self._settle(job, JobOutcome(request.request_id, spec.template_id, None, 0, num_tokens, 0))
@@ -284,11 +300,14 @@ class StepLoop:
                     self.observer.template_lookup(False)
                     raise
                 self.observer.template_lookup(True)
+            elif request.image is not None and not request.full_compute and self.auto_register is not None:
+                template = self._auto_template(job)
+            found = template is not None and request.template_id is None  # the raw image's own template
             state = engine.prepare_edit(
                 request.mask,
                 request.prompt,
                 template_id=template,
-                image=request.image,
+                image=None if found else request.image,
                 seed=request.seed,
                 steps=request.steps,
                 guidance=request.guidance,
@@ -308,6 +327,51 @@ class StepLoop:
             self._queues.ready.append(job)
             self._cond.notify_all()
         self._publish_load()
+
+    def _auto_template(self, job: _Job) -> TemplateRecord | None:
+        """The template a raw image's edit may use (:mod:`~instgenie.auto_register`); on a
+        miss, the image's recording follows the edit when the policy says so."""
+        request = job.request
+        assert self.auto_register is not None and request.image is not None
+        engine = self.engine
+        key_spec = engine.template_spec(request.image, "", seed=request.seed, steps=request.steps, guidance=request.guidance)
+        candidate = self.auto_register.candidate(key_spec.template_id)
+        if candidate is not None and engine.has_template(candidate):
+            try:
+                template = engine.template(candidate)
+            except InstGenIEError:  # evicted or corrupt meanwhile: computed in full
+                template = None
+            if template is not None:
+                self.observer.auto_template(True)
+                return template
+        self.observer.auto_template(False)
+        if self.auto_register.sighted(key_spec.template_id):
+            spec = key_spec
+            if self.auto_register.config.recording_prompt == "edit":
+                spec = engine.template_spec(key_spec.image, request.prompt, seed=request.seed, steps=request.steps,
+                                            guidance=request.guidance)  # fmt: skip
+            # Queued when this edit settles, not now: the edit that triggered it must not
+            # share its steps with (and wait for) a recording that no client waits for.
+            job.record_after = (key_spec.template_id, spec)
+        return None
+
+    def _record_in_background(self, key: str, spec: TemplateSpec) -> None:
+        """Queue the recording of a raw image as one more job; no client waits for it."""
+        request_id = f"auto-{spec.template_id}"
+        sink = _AutoRecordingSink(self, key, request_id)
+        busy = self._accept(_Job(EditRequest(request_id, action="register"), sink, self._clock(), spec=spec, auto_key=key))
+        if busy is not None:
+            log.info("not recording raw image %s now: %s", key, busy)
+            assert self.auto_register is not None
+            self.auto_register.abandoned(key)
+
+    def _auto_recorded(self, key: str, template_id: str) -> None:
+        assert self.auto_register is not None
+        self.engine.store.host.mark_expendable(template_id)
+        for dropped in self.auto_register.recorded(key, template_id):
+            log.info("dropping auto-registered template %s (auto_register_max reached)", dropped)
+            self.engine.templates.forget(dropped)
+        self.observer.auto_registered()
 
     def _finish(self, job: _Job) -> None:
         state, engine = job.state, self.engine
@@ -348,12 +412,16 @@ class StepLoop:
         if not self._take(job):
             return
         self._notify(job, "finish", outcome)
+        if job.record_after is not None:
+            self._record_in_background(*job.record_after)
         self.observer.finished(self._clock() - job.arrived)
         self._publish_load()
 
     def _fail(self, job: _Job, error: InstGenIEError) -> None:
         if not self._take(job):
             return
+        if job.record_after is not None and self.auto_register is not None:
+            self.auto_register.abandoned(job.record_after[0])
         log.info("request %s: %s: %s", job.request.request_id, error.reason, error)
         self._notify(job, "fail", error)
         self.observer.failed(error.reason)
@@ -488,6 +556,28 @@ def _states(jobs: list[_Job]) -> list[RequestState]:
     states = [job.state for job in jobs]
     assert all(state is not None for state in states)
     return states  # type: ignore[return-value]
+
+
+class _AutoRecordingSink:
+    """Sink of an auto-registration's recording: tells the loop how it ended."""
+
+    def __init__(self, loop: StepLoop, key: str, request_id: str) -> None:
+        self.loop, self.key, self.request_id = loop, key, request_id
+
+    def cancelled(self) -> bool:
+        return False
+
+    def progress(self, step: int, total_steps: int) -> None:
+        pass
+
+    def finish(self, outcome: JobOutcome) -> None:
+        assert outcome.template_id is not None
+        self.loop._auto_recorded(self.key, outcome.template_id)
+
+    def fail(self, error: InstGenIEError) -> None:
+        log.warning("%s (recording a raw image) failed: %s", self.request_id, error)
+        assert self.loop.auto_register is not None
+        self.loop.auto_register.abandoned(self.key)
 
 
 class _LogSink:

@@ -79,7 +79,7 @@ class EditResult:
 
     image: bytes = field(repr=False)  # PNG
     request_id: str
-    template_id: str | None  # None for an edit of a raw image (full computation)
+    template_id: str | None  # None for an edit of a raw image computed in full; else the template it used
     computed_tokens: int
     num_tokens: int
     total_steps: int

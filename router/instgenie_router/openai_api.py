@@ -225,7 +225,11 @@ def _open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    """Whether some pixel is not opaque: a browser canvas writes RGBA even when all are, and
+    such a mask means what its colours say (white = edit), not what its alpha does."""
+    if image.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in image.info:
+        return False
+    return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def _png(image: Image.Image) -> bytes:

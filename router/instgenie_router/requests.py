@@ -4,11 +4,13 @@ The edit model's inputs (:mod:`instgenie_protocol.names`) travel either as raw b
 (``raw_input_contents``, tritonclient's default: BYTES elements length-prefixed,
 numbers little-endian) or as typed ``contents``; both are read. The mask is decoded
 only to count the latent tokens it touches (:mod:`instgenie_protocol.tokens`, on the
-instances' own token grid), the unit of their load gauge.
+instances' own token grid), the unit of their load gauge. An edit of a raw image is
+keyed by the image's content hash for template affinity (:func:`image_affinity`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from instgenie_protocol import (
 
 from .instances import RequestCost
 
-__all__ = ["EditRequestInfo", "input_values", "inspect", "inspect_json", "template_id_error"]
+__all__ = ["EditRequestInfo", "image_affinity", "input_values", "inspect", "inspect_json", "template_id_error"]
 
 @dataclass(frozen=True)
 class EditRequestInfo:
@@ -69,11 +71,21 @@ def _facts(values: dict[str, bytes], default_steps: int, pixels_per_token: int, 
     step_count = int(np.frombuffer(steps, "<i4")[0]) if isinstance(steps, bytes) and len(steps) >= 4 else default_steps
     mask = values.get("MASK")
     tokens = _mask_work(mask, pixels_per_token, cost) if isinstance(mask, bytes) else 0.0
-    if action == "register" or (template_id is None and values.get("IMAGE")):
-        image = values.get("IMAGE")
+    affinity = template_id
+    image = values.get("IMAGE")
+    if action == "register" or (template_id is None and image):
         tokens = _image_work(image, pixels_per_token, cost) if isinstance(image, bytes) else tokens
+        if action == "edit" and isinstance(image, bytes):
+            affinity = image_affinity(image)
     steps = max(step_count, 1)
-    return EditRequestInfo(action, template_id, RequestCost(max(tokens, 1.0) * steps, template_id, steps))
+    return EditRequestInfo(action, template_id, RequestCost(max(tokens, 1.0) * steps, affinity, steps))
+
+
+def image_affinity(image: bytes) -> str:
+    """The routing key of an edit of a raw image: its content hash, so that every edit of
+    one picture goes where its auto-registered template (instances record a raw image
+    edited again, ``auto_register``) is; the same pixels in another encoding hash apart."""
+    return "image-" + hashlib.sha256(decode_blob(image)).hexdigest()[:32]
 
 
 def template_id_error(info: EditRequestInfo, request_id: str) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from instgenie import EngineLimits
+from instgenie.auto_register import AutoRegisterConfig
 from instgenie.cache import CacheMode
 from instgenie.cache.planner import CostModel
 from instgenie.scheduler import SchedulerConfig
@@ -44,6 +45,8 @@ class ModelParameters:
     max_steps: int = EngineLimits.max_steps
     drain_timeout_s: float = 60.0  # finalize() lets in-flight requests finish this long
     sparse_convs: str = ""  # UNet families: "on" = design (c), "off" = (b); empty = the family's default
+    auto_register: str = "second_sight"  # raw images edited again become templates: off | second_sight | always
+    auto_register_max: int = 64  # auto-registered templates kept (least recently used dropped first)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any]) -> "ModelParameters":
@@ -77,6 +80,11 @@ class ModelParameters:
         if switch not in _SWITCHES:
             raise ValueError(f"parameter sparse_convs must be on or off, got {self.sparse_convs!r}")
         return {"sparse_convs": _SWITCHES[switch]}
+
+    @property
+    def auto_register_config(self) -> AutoRegisterConfig:
+        """The step loop's auto-registration (:mod:`instgenie.auto_register`); raises ``ValueError``."""
+        return AutoRegisterConfig(policy=self.auto_register, max_templates=self.auto_register_max)
 
     @property
     def torch_dtype(self) -> torch.dtype:

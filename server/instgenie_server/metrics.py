@@ -139,6 +139,15 @@ class TritonLoopMetrics(LoopObserver):
             "instgenie_template_cache_lookups_total", "Template cache lookups by result (hit, miss)", kinds.COUNTER
         )
         self._lookups = {result: LockedMetric(lookups, {**self._labels, "result": result}) for result in ("hit", "miss")}
+        raw = self._family(
+            "instgenie_raw_image_lookups_total",
+            "Edits of a raw image (no template id) by whether they found the template it became (hit, miss)",
+            kinds.COUNTER,
+        )
+        self._raw_lookups = {result: LockedMetric(raw, {**self._labels, "result": result}) for result in ("hit", "miss")}
+        self._auto_registrations = self._metric(
+            "instgenie_auto_registrations_total", "Raw images recorded as templates (auto_register)", kinds.COUNTER
+        )
         self._errors_family = self._family(
             "instgenie_errors_total", "Requests that ended with an error, by reason", kinds.COUNTER
         )
@@ -195,6 +204,12 @@ class TritonLoopMetrics(LoopObserver):
 
     def template_lookup(self, hit: bool) -> None:
         self._lookups["hit" if hit else "miss"].increment(1)
+
+    def auto_template(self, hit: bool) -> None:
+        self._raw_lookups["hit" if hit else "miss"].increment(1)
+
+    def auto_registered(self) -> None:
+        self._auto_registrations.increment(1)
 
 
 class GpuMetrics:

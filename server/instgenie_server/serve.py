@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from instgenie.auto_register import AUTO_REGISTER_POLICIES
+
 from .repository import default_model_repository, models_with_parameter, render_repository
 from .leftovers import REPOSITORY_PREFIX
 from .server_process import ServerStartError, TritonServer
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 #: ``serve`` options forwarded as config parameters to every model that declares ``model_dir``.
 _FORWARDED = ("model_dir", "device", "dtype", "max_active", "max_waiting", "max_sequence_length")
 # Set only on the models that declare them (the edit model's activation cache).
-_FORWARDED_WHERE_DECLARED = ("cache_dir", "cache_mode", "cache_budget_bytes", "cost_model", "sparse_convs")
+_FORWARDED_WHERE_DECLARED = ("cache_dir", "cache_mode", "cache_budget_bytes", "cost_model", "sparse_convs", "auto_register")
 
 
 def _default_model() -> Path:
@@ -170,6 +172,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     serve.add_argument(
         "--sparse-convs", choices=("on", "off"), help="UNet models: design (c) sparse convolutions or (b) (default: the family's, on)"
     )
+    serve.add_argument(
+        "--auto-register", choices=AUTO_REGISTER_POLICIES,
+        help="record raw images edited again as templates: off, second_sight or always (default: model config, second_sight)",
+    )  # fmt: skip
     serve.add_argument("--log-file", type=Path, help="server log (default: a temporary file)")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
     serve.add_argument("--drain-timeout", type=float, default=60.0, help="seconds running requests get on shutdown")

@@ -1,6 +1,7 @@
 """The host-memory tier: step entries under a byte budget, least recently used first out.
 
-Entries an admitted request holds (pinned) are never evicted: a request pins the
+Entries of *expendable* templates (auto-registered ones, :mod:`instgenie.auto_register`)
+go before any other's. Entries an admitted request holds (pinned) are never evicted: a request pins the
 steps it has fetched and unpins each once computed. When everything left is pinned
 the tier runs over budget rather than fail a running request; the overshoot is
 bounded by the admitted requests' fetch windows.
@@ -33,6 +34,7 @@ class HostTier:
         self._entries: OrderedDict[StepKey, StepKV] = OrderedDict()
         self._sizes: dict[StepKey, int] = {}
         self._pins: dict[StepKey, int] = {}
+        self._expendable: set[str] = set()
         self._nbytes = 0
         self._lock = threading.Lock()
         self._on_evict = on_evict
@@ -80,6 +82,14 @@ class HostTier:
                 if (template_id, step) in self._entries:
                     self._entries.move_to_end((template_id, step))
 
+    def mark_expendable(self, template_id: str, expendable: bool = True) -> None:
+        """Evict ``template_id``'s entries before any other template's (or no longer)."""
+        with self._lock:
+            if expendable:
+                self._expendable.add(template_id)
+            else:
+                self._expendable.discard(template_id)
+
     def unpin(self, key: StepKey) -> None:
         with self._lock:
             left = self._pins.get(key, 0) - 1
@@ -102,6 +112,7 @@ class HostTier:
         with self._lock:
             for key in [k for k in self._entries if k[0] == template_id and k not in self._pins]:
                 self._remove_locked(key)
+            self._expendable.discard(template_id)
 
     def _remove_locked(self, key: StepKey) -> int:
         del self._entries[key]
@@ -112,7 +123,8 @@ class HostTier:
     def _evict_locked(self) -> None:
         if self.budget_bytes is None:
             return
-        for key in list(self._entries):
+        entries = list(self._entries)  # least recently used first; expendable templates' before all
+        for key in [k for k in entries if k[0] in self._expendable] + [k for k in entries if k[0] not in self._expendable]:
             if self._nbytes <= self.budget_bytes:
                 break
             if key in self._pins or key not in self._entries:

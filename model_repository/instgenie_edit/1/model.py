@@ -11,6 +11,7 @@ from instgenie.codec import ProcessCodec
 from instgenie.errors import InstGenIEError
 from instgenie.lifetime import exit_with_parent
 from instgenie.scheduler import FcfsScheduler
+from instgenie.auto_register import AutoRegistrar
 from instgenie.step_loop import StepLoop
 from instgenie_protocol import parse_request
 from instgenie_server.config import ModelParameters
@@ -68,6 +69,7 @@ class TritonPythonModel:
             max_waiting=self.params.max_waiting,
             workers=self.params.workers,
             observer=self.metrics,
+            auto_register=AutoRegistrar(self.params.auto_register_config),
         )
 
     def execute(self, requests):
