@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-engine bench-serving bench-cadence bench-cache bench-routing bench-soak clean
+.PHONY: install test demo bench-engine bench-serving bench-cadence bench-cache bench-routing bench-soak bench-auto-register clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-cache: $(STAMP)
 
 bench-routing: $(STAMP)
 	$(PY) bench/routing.py --requests 40 --rounds 6 --json out/routing.json
+
+bench-auto-register: $(STAMP)
+	$(PY) bench/auto_register.py --json out/auto_register.json
 
 bench-soak: $(STAMP)
 	$(PY) bench/soak.py --minutes 10 --json out/soak.json

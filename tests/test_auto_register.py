@@ -75,9 +75,9 @@ def test_the_third_edit_of_a_raw_image_is_masked_and_equals_the_registered_templ
     assert first.outcome.computed_tokens == first.outcome.num_tokens == second.outcome.computed_tokens
     assert 0 < third.outcome.computed_tokens < third.outcome.num_tokens  # only the masked tokens
     assert (observer.misses, observer.recorded, observer.hits) == (2, 1, 1)
-    # The same edit of the template registered by hand (empty prompt, same settings), in another engine.
+    # The same edit of the template registered by hand (the triggering edit's prompt, same settings), in another engine.
     explicit = engine_over(engines[variant])
-    template = explicit.register_template(image, "", seed=5, steps=STEPS)
+    template = explicit.register_template(image, "a green chair", seed=5, steps=STEPS)
     assert third.outcome.template_id == template.template_id
     by_hand = explicit.edit(mask, "a green chair", template_id=template.template_id)
     assert torch.equal(third.outcome.latents, by_hand.latents)
@@ -109,18 +109,21 @@ def test_policy_off_never_records_and_always_records_on_first_sight(engines) -> 
     assert after.outcome.computed_tokens < after.outcome.num_tokens and eager.hits == 1
 
 
-def test_a_hand_registered_template_is_found_even_with_policy_off(engines) -> None:  # type: ignore[no-untyped-def]
+def test_a_template_a_client_registered_is_found_even_with_policy_off(engines) -> None:  # type: ignore[no-untyped-def]
     image, mask = png(template_image(83)), png(rect_mask(0.3, seed=83))
     engine = engine_over(engines["flux-fill"])
-    engine.register_template(image, "", seed=5, steps=STEPS)
     observer = Counts()
     loop = _loop(engine, "off", observer)
     try:
+        registered = Recorder()
+        loop.submit(EditRequest("reg", action="register", prompt="a shelf", image=image, seed=5, steps=STEPS), registered)
+        registered.wait(120)
         found = _edit(loop, "found", image, mask)
         _edit(loop, "again", image, mask, prompt="a sofa")
     finally:
         loop.stop()
     assert found.outcome.computed_tokens < found.outcome.num_tokens and observer.hits == 2
+    assert found.outcome.template_id == registered.outcome.template_id
 
 
 def test_auto_templates_are_bounded_and_dropped_least_recently_used_first(engines) -> None:  # type: ignore[no-untyped-def]
@@ -183,6 +186,6 @@ def test_a_raw_image_edited_three_times_on_the_server_becomes_a_template(triton_
     assert third.template_id is not None and 0 < third.computed_tokens < third.num_tokens
     after = counts()
     assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (2, 1, 1)
-    # Registering the image by hand with the empty prompt names the same template: one cache.
-    assert client.register_template(image, "", seed=6, steps=STEPS) == third.template_id
+    # Registering the image by hand with the triggering edit's prompt names the same template: one cache.
+    assert client.register_template(image, "a lamp", seed=6, steps=STEPS) == third.template_id
     assert client.edit(mask, "a lamp", template_id=third.template_id).image == third.image

@@ -249,6 +249,13 @@ class Engine:
         )
         return TemplateSpec(hash_template_id(self.model_fingerprint, settings, prompt, pil, pixel_mask), prompt, pil, pixel_mask, settings)
 
+    def image_key(self, spec: TemplateSpec) -> str | None:
+        """The key of ``spec``'s image for edits of raw images (:mod:`~instgenie.auto_register`):
+        its id under the empty prompt; ``None`` for a template with its own edit region."""
+        if spec.pixel_mask.any():
+            return None
+        return hash_template_id(self.model_fingerprint, spec.settings, "", spec.image, spec.pixel_mask)
+
     def start_template(self, spec: TemplateSpec, request_id: str | None = None) -> RequestState:
         """The recording run of ``spec``: a full computation that records its K/V."""
         return self._start(RequestKind.RECORD, spec.settings, spec.prompt, spec.image, spec.pixel_mask, None, None, request_id)

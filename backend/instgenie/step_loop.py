@@ -282,7 +282,7 @@ class StepLoop:
             known = engine.has_template(spec.template_id)
             self.observer.template_lookup(known)
             if job.auto_key is None and self.auto_register is not None:  # a client's: never dropped as an auto one
-                self.auto_register.registered(spec.template_id)
+                self.auto_register.registered(engine.image_key(spec), spec.template_id)
                 engine.store.host.mark_expendable(spec.template_id, False)
             if known:  # registration is idempotent: same content and settings, same id
                 num_tokens = engine.family.num_tokens(spec.settings)
@@ -335,7 +335,9 @@ class StepLoop:
         assert self.auto_register is not None and request.image is not None
         engine = self.engine
         key_spec = engine.template_spec(request.image, "", seed=request.seed, steps=request.steps, guidance=request.guidance)
-        candidate = self.auto_register.candidate(key_spec.template_id)
+        key = engine.image_key(key_spec)
+        assert key is not None  # no template mask
+        candidate = self.auto_register.candidate(key)
         if candidate is not None and engine.has_template(candidate):
             try:
                 template = engine.template(candidate)
@@ -345,14 +347,14 @@ class StepLoop:
                 self.observer.auto_template(True)
                 return template
         self.observer.auto_template(False)
-        if self.auto_register.sighted(key_spec.template_id):
+        if self.auto_register.sighted(key):
             spec = key_spec
             if self.auto_register.config.recording_prompt == "edit":
                 spec = engine.template_spec(key_spec.image, request.prompt, seed=request.seed, steps=request.steps,
                                             guidance=request.guidance)  # fmt: skip
             # Queued when this edit settles, not now: the edit that triggered it must not
             # share its steps with (and wait for) a recording that no client waits for.
-            job.record_after = (key_spec.template_id, spec)
+            job.record_after = (key, spec)
         return None
 
     def _record_in_background(self, key: str, spec: TemplateSpec) -> None:
