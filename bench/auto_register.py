@@ -33,7 +33,7 @@ import torch
 from engine import mask, template
 from instgenie import Engine
 from instgenie.tiny import FAMILIES, make_model
-from quality import similarity
+from quality import similarity, write_page
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIGGER = "a red hat"
@@ -101,30 +101,29 @@ def main(argv: list[str] | None = None) -> int:
         f"| {r['edit']['psnr']:.1f} dB | {r['empty']['repeat']:.4f} | {r['edit']['repeat']:.4f} |"
         for family, r in results.items()
     ]
-    markdown = [
-        "# Auto-registration: which prompt the recording uses",
-        "",
-        "Written by `bench/auto_register.py`. One image per family is recorded twice, under the empty prompt and "
-        f"under the prompt of the edit that triggered the recording ({TRIGGER!r}); later edits with new prompts "
-        f"({', '.join(repr(p) for p in LATER)}) at mask ratios {args.mask_ratios} run on the masked path against each "
-        "recording and in full. *Deviation / prompt effect*: the masked-region mean |masked - full| of the latents "
-        "over the change the new prompt makes there (as in `quality.md`); lower is better. The last two columns: "
-        "the absolute deviation of a later edit that repeats the triggering prompt (not 0 even under its own "
-        "recording: the recording ran without the edit's mask, an input of the inpainting models). "
-        "Random-weight models: compare the columns, not the values.",
-        "",
-        "Setup: " + ", ".join(f"{k}={v}" for k, v in meta.items()) + ".",
-        "",
-        *table,
-        "",
+    notes = [
         f"The triggering prompt's recording deviates less on new prompts in {wins} of {len(results)} families; "
-        "`instgenie.auto_register` records with it (`recording_prompt=\"edit\"`).",
-        "",
-        "Command: `python bench/auto_register.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
-        "",
+        "`instgenie.auto_register` records with it (`recording_prompt=\"edit\"`)."
     ]
-    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.markdown).write_text("\n".join(markdown))
+    write_page(
+        Path(args.markdown),
+        "Auto-registration: which prompt the recording uses",
+        (
+            "Written by `bench/auto_register.py`. One image per family is recorded twice, under the empty prompt and "
+            f"under the prompt of the edit that triggered the recording ({TRIGGER!r}); later edits with new prompts "
+            f"({', '.join(repr(p) for p in LATER)}) at mask ratios {args.mask_ratios} run on the masked path against each "
+            "recording and in full. *Deviation / prompt effect*: the masked-region mean |masked - full| of the latents "
+            "over the change the new prompt makes there (as in `quality.md`); lower is better. The last two columns: "
+            "the absolute deviation of a later edit that repeats the triggering prompt (not 0 even under its own "
+            "recording: the recording ran without the edit's mask, an input of the inpainting models). "
+            "Random-weight models: compare the columns, not the values."
+        ),
+        meta,
+        table,
+        notes,
+        "bench/auto_register.py",
+        sys.argv[1:] if argv is None else argv,
+    )
     print("\n".join(table))
     return 0
 

@@ -79,6 +79,17 @@ def measure(engine: Engine, resolution: int, ratio: float, steps: int) -> dict:
     }
 
 
+def write_page(
+    path: Path, title: str, intro: str, meta: dict, table: list[str], notes: list[str], script: str, argv: list[str]
+) -> None:
+    """A benchmark's markdown page: title, what it measures, setup, the table, notes, the command."""
+    lines = [f"# {title}", "", intro, "", "Setup: " + ", ".join(f"{k}={v}" for k, v in meta.items()) + ".", "", *table, ""]
+    lines += [*notes, ""] if notes else []
+    lines += [f"Command: `python {script} " + " ".join(argv) + "`", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -124,25 +135,23 @@ def main(argv: list[str] | None = None) -> int:
         f"| {r['psnr_db']:.1f} dB | {r['ssim']:.3f} | {r['template_prompt_psnr_db']:.1f} dB | {r['template_prompt_ssim']:.3f} |"
         for r in rows
     ]
-    markdown = [
-        "# Quality: masked edits against the full computation",
-        "",
-        "Written by `bench/quality.py`. A template recorded under one prompt is edited under a new one at "
-        f"mask ratio {args.mask_ratio}. *Deviation / prompt effect*: the masked-region mean |masked - full| of "
-        "the latents over the mean change the new prompt makes there (full computation under the new prompt "
-        "against the template's prompt). PSNR/SSIM (torchmetrics) compare whole decoded images with the full "
-        "computation's; the last two columns do the same for the image under the template's prompt, i.e. a "
-        "cache that ignored the new prompt. Random-weight models: compare rows, not absolute values.",
-        "",
-        "Setup: " + ", ".join(f"{k}={v}" for k, v in meta.items()) + ".",
-        "",
-        *table,
-        "",
-        "Command: `python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`",
-        "",
-    ]
-    Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.markdown).write_text("\n".join(markdown))
+    write_page(
+        Path(args.markdown),
+        "Quality: masked edits against the full computation",
+        (
+            "Written by `bench/quality.py`. A template recorded under one prompt is edited under a new one at "
+            f"mask ratio {args.mask_ratio}. *Deviation / prompt effect*: the masked-region mean |masked - full| of "
+            "the latents over the mean change the new prompt makes there (full computation under the new prompt "
+            "against the template's prompt). PSNR/SSIM (torchmetrics) compare whole decoded images with the full "
+            "computation's; the last two columns do the same for the image under the template's prompt, i.e. a "
+            "cache that ignored the new prompt. Random-weight models: compare rows, not absolute values."
+        ),
+        meta,
+        table,
+        [],
+        "bench/quality.py",
+        sys.argv[1:] if argv is None else argv,
+    )
     print("\n".join(table))
     return 0
 
