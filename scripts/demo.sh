@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end: two Triton servers with the tiny default model behind the
 # mask-aware router; one template registered and one edit through the router with the
-# CLI (gRPC, streamed progress), exactly as against a single server. Writes out/edited.png.
+# CLI (gRPC, streamed progress), exactly as against a single server, and once more through
+# the OpenAI-compatible endpoint. Writes out/edited.png and out/edited_openai.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -48,3 +49,11 @@ echo "router (mask_aware): grpc $router"
 template=$($BIN/instgenie templates register --url "$router" --image out/template.png --prompt "a photo" --steps 8)
 echo "template: $template (registered on both instances)"
 $BIN/instgenie edit --url "$router" --template-id "$template" --mask out/mask.png --prompt "a red hat" -o out/edited.png
+
+# The same edit through the router's OpenAI-compatible endpoint (what the `openai`
+# package and the playground at $http/ send): multipart in, base64 PNG out.
+http=$(sed -n 's/^http: //p' out/router.txt)
+curl -sS --fail-with-body "$http/v1/images/edits" -F image=@out/template.png -F mask=@out/mask.png \
+    -F prompt="a red hat" -F response_format=b64_json -F template_id="$template" \
+    | $BIN/python -c 'import base64, json, sys; open("out/edited_openai.png", "wb").write(base64.b64decode(json.load(sys.stdin)["data"][0]["b64_json"]))'
+echo "OpenAI-compatible edit: out/edited_openai.png (playground: $http/)"

@@ -7,7 +7,8 @@ Inputs
   ``ACTION``          BYTES  ``edit`` (default) | ``register`` | ``list``
   ``TEMPLATE_ID``     BYTES  a registered template (edit)
   ``IMAGE``           BYTES  PNG/JPEG bytes, or their base64 text: the template to
-                             register, or a raw image to edit with the full computation
+                             register, or a raw image to edit (in full, or against the
+                             template it became: instgenie.auto_register)
   ``MASK``            BYTES  PNG mask, white = edit (required for edit; optional
                              template region for register); raw or base64
   ``PROMPT``          BYTES  UTF-8 text (required for edit and register)
