@@ -50,7 +50,13 @@ RATIOS = (0.1, 0.25, 0.5)
 
 
 def engine_with(base: Engine, store: ActivationStore) -> Engine:
-    return Engine(base.family.pipe, type(base.family), base.model_fingerprint, max_sequence_length=base.max_sequence_length, store=store)
+    return Engine(base.family.pipe, type(base.family), base.model_fingerprint, max_sequence_length=base.max_sequence_length,
+                  store=store, device=base.device, dtype=base.dtype)  # fmt: skip
+
+
+def _store(base: Engine, **kwargs: object) -> ActivationStore:
+    """A store on the engine's device (pinned host memory and the copy stream on a GPU)."""
+    return ActivationStore(base.model_fingerprint, device=base.device, **kwargs)  # type: ignore[arg-type]
 
 
 def timed_edit(engine: Engine, mask_png: bytes, template_id: str, full: bool, cold_files: list[Path]) -> tuple[float, dict]:
@@ -60,6 +66,8 @@ def timed_edit(engine: Engine, mask_png: bytes, template_id: str, full: bool, co
     started = time.perf_counter()
     state = engine.prepare_edit(mask_png, "a lamp", template_id=template_id, full_compute=full)
     engine.run([state])
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
     latency = time.perf_counter() - started
     engine.release(state)
     after = engine.store.stats()
@@ -80,7 +88,7 @@ def mode_sizes(base: Engine, folder: Path, steps: int, resolution: int) -> list[
         for dtype in ("float32", "bfloat16"):
             for tokens in ("all", "unmasked"):
                 mode = CacheMode(dtype, tokens, content)  # type: ignore[arg-type]
-                engine = engine_with(base, ActivationStore(base.model_fingerprint, mode=mode, disk_dir=folder / mode.name))
+                engine = engine_with(base, _store(base, mode=mode, disk_dir=folder / mode.name))
                 record = engine.register_template(template(resolution), "a room", seed=1, steps=steps, mask=region)
                 rows.append({"mode": mode.name, "cache_bytes": record.cache_bytes, "lossless": mode.lossless})
                 engine.store.close()
@@ -96,20 +104,20 @@ def run(args: argparse.Namespace) -> dict:
     model = Path(args.model) if args.model else ROOT / "models" / f"flux-fill-{args.model_size}"
     if not (model / "model_index.json").is_file():
         make_model("flux-fill", model, size=args.model_size)
-    base = Engine.from_pretrained(str(model), max_sequence_length=args.text_len)
+    base = Engine.from_pretrained(str(model), max_sequence_length=args.text_len, device=args.device, dtype=getattr(torch, args.dtype))
     workdir = Path(tempfile.mkdtemp(prefix="instgenie-cache-bench-", dir=args.cache_dir))
     disk_dir = workdir / "tier"
-    naive = engine_with(base, ActivationStore(base.model_fingerprint, disk_dir=disk_dir, host_budget_bytes=1, lookahead=0))
+    naive = engine_with(base, _store(base, disk_dir=disk_dir, host_budget_bytes=1, lookahead=0))
     pipelined = engine_with(
-        base, ActivationStore(base.model_fingerprint, disk_dir=disk_dir, host_budget_bytes=1, lookahead=args.lookahead)
+        base, _store(base, disk_dir=disk_dir, host_budget_bytes=1, lookahead=args.lookahead)
     )
     # Attention inputs instead of K/V: half the bytes to read, K/V projected again.
     inputs = CacheMode(content="input")
     pipelined_inputs = engine_with(
         base,
-        ActivationStore(base.model_fingerprint, mode=inputs, disk_dir=disk_dir, host_budget_bytes=1, lookahead=args.lookahead),
+        _store(base, mode=inputs, disk_dir=disk_dir, host_budget_bytes=1, lookahead=args.lookahead),
     )
-    resident = engine_with(base, ActivationStore(base.model_fingerprint))
+    resident = engine_with(base, _store(base))
     record = resident.register_template(template(args.resolution), "a room", seed=1, steps=args.steps)
     pipelined.add_template(record, record.activations)  # writes the disk tier both disk engines read
     template_id = record.template_id
@@ -176,7 +184,7 @@ def markdown(report: dict) -> str:
         "# Cache loading: naive vs pipelined vs resident vs full",
         "",
         f"Written by `bench/cache.py`. flux-fill `{cfg['model_size']}` (random weights), {cfg['resolution']}x{cfg['resolution']}, "
-        f"text length {cfg['text_len']}, {cfg['steps']} steps, fp32 on CPU; one step's cache is {cfg['step_bytes'] / 2**20:.1f} MiB on disk "
+        f"text length {cfg['text_len']}, {cfg['steps']} steps, {cfg.get('dtype', 'float32')} on {cfg.get('device', 'cpu')}; one step's cache is {cfg['step_bytes'] / 2**20:.1f} MiB on disk "
         f"({cfg['steps_per_template']} files per template). Latency = preparation + all denoising steps of one edit (decode excluded: "
         f"identical for all), median of {cfg['repeats']} interleaved repeats. Code: {report['environment']['git']}.",
         "",
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lookahead", type=int, default=2)
     parser.add_argument("--cache-dir", help="where the disk tier lives (default: the temp folder)")
+    parser.add_argument("--device", default="cpu", help="cuda: the host tier is pinned memory, copied a site ahead on a copy stream")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
     report = run(args)
     if args.json:

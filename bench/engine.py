@@ -70,10 +70,50 @@ def mask(resolution: int, ratio: float, token: int, offset: int = 0) -> bytes:
     return png(pixels)
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> float:
+    """Seconds ``fn`` takes; on a GPU by CUDA events around it (the kernels, not the launch)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+# Transformer dimensions to put in place of the generated model's (random weights):
+# FLUX.1's (24 heads of 128, 19 double and 38 single blocks) and a miniature of the same
+# shape that a CPU runs, so that the swap itself is exercised without a GPU.
+TRANSFORMER_DIMS = {
+    "flux1": dict(num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128, axes_dims_rope=(16, 56, 56)),
+    "flux1-mini": dict(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=128, axes_dims_rope=(16, 56, 56)),
+}
+
+
+def engine_with_transformer(model_dir: str, dims: str, device: str, dtype: torch.dtype, text_len: int) -> Engine:
+    """An engine over ``model_dir`` whose Flux transformer is replaced by one of ``dims``.
+
+    Built on the device, in fp32 then cast (random init, not seeded: timing only). The
+    text encoders stay the generated ones: only the context embedder's input width differs
+    from FLUX.1's (64 or 32 instead of 4096 and 768), a negligible part of a step.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from instgenie.loading import load_pipeline
+
+    pipe, family_cls, fingerprint = load_pipeline(model_dir, device, dtype)
+    config = pipe.transformer.config
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=config.in_channels, out_channels=config.out_channels,
+            joint_attention_dim=config.joint_attention_dim, pooled_projection_dim=config.pooled_projection_dim,
+            guidance_embeds=config.guidance_embeds, **TRANSFORMER_DIMS[dims],
+        )  # fmt: skip
+    pipe.register_modules(transformer=transformer.to(dtype).eval())
+    return Engine(pipe, family_cls, f"{fingerprint}+{dims}", device=device, dtype=dtype, max_sequence_length=text_len)
 
 
 def flops(engine: Engine, states: list[RequestState]) -> int:
@@ -99,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", help="default: docs/benchmarks/engine.md (flux-fill) or engine-<family>.md")
     parser.add_argument("--end-to-end", type=float, help="also time whole edits at this mask ratio against the stock pipeline")
     parser.add_argument("--end-to-end-steps", type=int, default=8, help="denoising steps of those edits")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--transformer-dims", choices=sorted(TRANSFORMER_DIMS),
+                        help="flux families: replace the generated transformer by one of these dimensions")  # fmt: skip
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.mask_ratios.split(",")]
@@ -110,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         unet = family_class(pipeline_class_name(Path(model_dir))).reads_every_token
         # The UNets run both designs side by side, each over its own pipeline (hooks differ).
         designs = {"b": {"sparse_convs": False}, "c": {"sparse_convs": True}} if unet else {"masked-attention": {}}
-        engines = {
-            design: Engine.from_pretrained(model_dir, max_sequence_length=args.text_len, family_options=options)
-            for design, options in designs.items()
-        }
+        if args.transformer_dims:
+            engines = {"masked-attention": engine_with_transformer(model_dir, args.transformer_dims, args.device, dtype, args.text_len)}
+        else:
+            engines = {
+                design: Engine.from_pretrained(model_dir, device=args.device, dtype=dtype, max_sequence_length=args.text_len,
+                                               family_options=options)  # fmt: skip
+                for design, options in designs.items()
+            }
         records = {
             design: engine.register_template(template(args.resolution), "a photo of a room", seed=0, steps=args.steps)
             for design, engine in engines.items()
@@ -142,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[float]] = {name: [] for name in inputs}
         for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
             for name, (owner, model_inputs) in inputs.items():
-                samples[name].append(timed(lambda owner=owner, model_inputs=model_inputs: owner.family.predict(model_inputs)))
+                samples[name].append(timed(lambda owner=owner, model_inputs=model_inputs: owner.family.predict(model_inputs), device))
         median = {name: statistics.median(values) for name, values in samples.items()}
         full_flops = flops(engine, [full_state])
         rows = []
@@ -179,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "transformer_dims": args.transformer_dims or args.size,
     }
     report = {"meta": meta, "rows": rows, "mixed_batch": mixed_row, "end_to_end": end_to_end}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,10 @@ def triton_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPath
         # process would then prepare a request over many steps, and these tests time
         # admission, not CPU shares (bench/step_cadence.py measures that trade-off).
         "codec_nice": "0",
+        # Many tests edit one raw image more than once, and several compare results bit for
+        # bit: a background recording batched with them would change their rounding. The
+        # router tests' instances run the default (second_sight) and test it.
+        "auto_register": "off",
     }
     root = tmp_path_factory.mktemp("triton")
     parameters["cache_dir"] = str(root / "cache")  # the disk tier; servers started from this repository share it

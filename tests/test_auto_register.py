@@ -160,32 +160,3 @@ def test_expendable_entries_leave_host_memory_first() -> None:
     tier.put(("new", 0), _Sized(150))  # type: ignore[arg-type]  # 50 bytes over: one entry goes
     assert evicted == [("auto", 0)]  # though "registered" was used less recently
 
-
-# -- on a real tritonserver (the session's: auto_register second_sight, the default) ------------
-def test_a_raw_image_edited_three_times_on_the_server_becomes_a_template(triton_server) -> None:  # type: ignore[no-untyped-def]
-    from instgenie_client import InstGenIEClient
-    from serving_calls import metric, metrics
-
-    client = InstGenIEClient(triton_server.grpc_url, timeout_s=120)
-    image, mask = png(template_image(84)), png(rect_mask(0.25, seed=84))
-
-    def counts() -> tuple[float, float, float]:
-        text = metrics(triton_server.metrics_url)
-        return (metric(text, "instgenie_raw_image_lookups_total", result="miss"),
-                metric(text, "instgenie_auto_registrations_total"),
-                metric(text, "instgenie_raw_image_lookups_total", result="hit"))  # fmt: skip
-
-    before = counts()
-    first, second = (client.edit(mask, "a lamp", image=image, seed=6, steps=STEPS) for _ in range(2))
-    deadline = time.monotonic() + 60
-    while counts()[1] < before[1] + 1:
-        assert time.monotonic() < deadline, "the server never recorded the raw image"
-        time.sleep(0.1)
-    third = client.edit(mask, "a lamp", image=image, seed=6, steps=STEPS)
-    assert first.template_id is None and first.computed_tokens == first.num_tokens == second.computed_tokens
-    assert third.template_id is not None and 0 < third.computed_tokens < third.num_tokens
-    after = counts()
-    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (2, 1, 1)
-    # Registering the image by hand with the triggering edit's prompt names the same template: one cache.
-    assert client.register_template(image, "a lamp", seed=6, steps=STEPS) == third.template_id
-    assert client.edit(mask, "a lamp", template_id=third.template_id).image == third.image

@@ -458,6 +458,8 @@ def test_edits_of_one_raw_image_follow_its_hash_to_the_instance_that_records_it(
     client = InstGenIEClient(f"127.0.0.1:{router.grpc_port}", timeout_s=120)
     image, mask = png(template_image(36)), png(rect_mask(0.25, seed=36))
     before = _routed(router)
+    names = ("instgenie_raw_image_lookups_total", "instgenie_auto_registrations_total")
+    counted = {s.grpc_port: {n: metric(metrics(s.metrics_url), n) for n in names} for s in instances}
     results = []
     for attempt in range(4):
         results.append(client.edit(mask, "a rug", image=image, seed=2, steps=STEPS))
@@ -468,8 +470,18 @@ def test_edits_of_one_raw_image_follow_its_hash_to_the_instance_that_records_it(
                 time.sleep(0.1)
     grew = [name for name, count in _routed(router).items() if count > before[name]]
     assert len(grew) == 1  # every edit of the picture went to one instance
-    assert results[0].computed_tokens == results[0].num_tokens
+    assert results[0].template_id is None and results[0].computed_tokens == results[0].num_tokens
     assert all(r.template_id is not None and r.computed_tokens < r.num_tokens for r in results[2:])
+    server = next(s for s in instances if f"127.0.0.1:{s.grpc_port}" == grew[0])
+    text = metrics(server.metrics_url)
+    lookups = metric(text, names[0]) - counted[server.grpc_port][names[0]]
+    assert (lookups, metric(text, names[1]) - counted[server.grpc_port][names[1]]) == (4, 1)
+    assert metric(text, names[0], result="hit") >= 2
+    # Registering the picture by hand with the triggering edit's prompt names the same template: one cache.
+    assert client.register_template(image, "a rug", seed=2, steps=STEPS) == results[2].template_id
+    by_id = client.edit(mask, "a rug", template_id=results[2].template_id)
+    # Any instance, perhaps batched with background work: batched-kernel rounding.
+    assert np.abs(_pixels(by_id.image) - _pixels(results[3].image)).max() <= 1
 
 
 def _wait_routed(router: Router, total: float, timeout_s: float = 30.0) -> None:
