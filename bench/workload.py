@@ -186,6 +186,9 @@ class Record:
     error: str | None = None
     computed_tokens: int | None = None
     num_tokens: int | None = None
+    # The server's seconds per phase (prepare, admission, steps, finish); the latency
+    # beyond their sum is the serving path outside the step loop (transport, Triton, stub).
+    timeline: dict[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -244,6 +247,7 @@ class Caller:
         result = job.result()
         record.done_s = time.monotonic()
         record.computed_tokens, record.num_tokens = result.computed_tokens, result.num_tokens
+        record.timeline = result.timeline
 
     def _baseline(self, request: Request, record: Record) -> None:
         import tritonclient.grpc as grpcclient

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -261,11 +262,18 @@ def test_metrics_are_labelled_and_move(triton_server, url: str, templates: dict[
     before = metrics(triton_server.metrics_url)
     stream = Stream(url)
     try:
-        stream.call(edit_fields(templates["short"], 0.2), "metered")
+        metered = stream.call(edit_fields(templates["short"], 0.2), "metered")
         stream.call(edit_fields("tpl-11111111111111111111", 0.2), "metered-miss")
     finally:
         stream.close()
     after = metrics(triton_server.metrics_url)
+    # The request's timeline: its phases in the response, their histograms on the metrics page.
+    timeline = json.loads(metered.outputs["TIMELINE"][0])
+    assert list(timeline) == ["prepare", "admission", "steps", "finish"] and timeline["steps"] > 0
+    for phase in timeline:
+        assert metric(after, "instgenie_request_phase_seconds_count", phase=phase) > metric(
+            before, "instgenie_request_phase_seconds_count", phase=phase
+        ), phase
     labels = {"model": "instgenie_edit", "version": "1", "instance": "instgenie_edit_0_0"}
     for name in ("instgenie_steps_total", "instgenie_requests_completed_total", "instgenie_step_duration_seconds_count",
                  "instgenie_request_duration_seconds_count", "instgenie_time_to_first_step_seconds_count",

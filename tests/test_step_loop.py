@@ -13,7 +13,7 @@ from conftest import png, rect_mask, template_image
 from instgenie import Engine
 from instgenie.errors import Cancelled, InstGenIEError, QueueFull, ShuttingDown
 from instgenie.scheduler import FcfsScheduler, SchedulerConfig
-from instgenie.step_loop import EditRequest, JobOutcome, LoopObserver, StepLoop
+from instgenie.step_loop import PHASES, EditRequest, JobOutcome, LoopObserver, StepLoop
 
 
 @dataclass
@@ -359,3 +359,31 @@ def test_load_reports_outstanding_token_steps(flux: Engine, template_id: str) ->
     outstanding = [l.outstanding_token_steps for l in loads]
     assert outstanding == sorted(outstanding, reverse=True) and outstanding[-1] == 0 and outstanding[0] > 0
     assert loads[0].active == 1 and loads[0].masked_tokens == sink.outcome.computed_tokens
+
+
+class Phases(LoopObserver):
+    def __init__(self) -> None:
+        self.timelines: list[dict[str, float]] = []
+
+    def timeline(self, phases: dict[str, float]) -> None:
+        self.timelines.append(phases)
+
+
+def test_a_finished_request_reports_the_seconds_of_each_phase(flux: Engine, template_id: str) -> None:
+    observer = Phases()
+    loop = StepLoop(flux, observer=observer)
+    try:
+        started = time.monotonic()
+        edited, untouched = Recorder(), Recorder()
+        loop.submit(edit("timed", template_id, 0.2), edited)
+        edited.wait()
+        elapsed = time.monotonic() - started
+        loop.submit(edit("nothing to do", template_id, 0.0), untouched)
+        untouched.wait()
+    finally:
+        loop.stop()
+    timeline = edited.outcome.timeline
+    assert list(timeline) == list(PHASES) and all(seconds >= 0 for seconds in timeline.values())
+    assert 0 < sum(timeline.values()) <= elapsed and timeline["steps"] > 0
+    assert list(untouched.outcome.timeline) == ["prepare", "finish"]  # never stepped
+    assert observer.timelines == [timeline, untouched.outcome.timeline]

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("edit", "register")
 
+#: A request's phases in the loop, in order: ``prepare`` (from arrival: waiting for a
+#: worker, decoding, prompt and VAE encoding), ``admission`` (prepared, waiting to join
+#: the batch), ``steps`` (joining to the end of its last step), ``finish`` (waiting for a
+#: worker, VAE decode, paste, PNG encoding). A request with nothing to denoise has no
+#: ``admission`` and ``steps``.
+PHASES = ("prepare", "admission", "steps", "finish")
+
 
 @dataclass(frozen=True)
 class JobOutcome:
@@ -51,6 +58,7 @@ class JobOutcome:
     num_tokens: int
     total_steps: int
     latents: torch.Tensor | None = None  # [1, N, C] final latents of an edit (None if nothing was denoised)
+    timeline: dict[str, float] | None = None  # seconds per phase (:data:`PHASES`) of the request in this loop
 
 
 class JobSink(Protocol):
@@ -101,6 +109,9 @@ class LoopObserver:
     def finished(self, latency_s: float) -> None:
         pass
 
+    def timeline(self, phases: dict[str, float]) -> None:
+        """The seconds a finished request spent in each of its :data:`PHASES`."""
+
     def failed(self, reason: str) -> None:
         pass
 
@@ -130,6 +141,7 @@ class _Job:
     state: RequestState | None = None
     ready_at_step: int = 0  # the loop's step count when the job became ready
     first_step_at: float | None = None
+    marks: dict[str, float] = field(default_factory=dict)  # when each phase ended (the clock's seconds)
     spec: TemplateSpec | None = None  # a registration decoded already (the loop recording a template again)
     auto_key: str | None = None  # the raw image this recording is of (auto-registration)
     record_after: tuple[str, TemplateSpec] | None = None  # (key, spec) of a recording to queue once this edit settles
@@ -318,9 +330,11 @@ class StepLoop:
             raise InvalidInput(f"unknown action {request.action!r}; expected one of {', '.join(ACTIONS)}")
         job.state = state
         if state.done:  # an empty mask: nothing to denoise
+            job.marks["prepare"] = self._clock()
             job.phase = _Phase.FINISHING
             self._finish(job)
             return
+        job.marks["prepare"] = self._clock()
         with self._cond:
             job.phase = _Phase.WAITING
             job.ready_at_step = self._steps_done
@@ -413,7 +427,11 @@ class StepLoop:
     def _settle(self, job: _Job, outcome: JobOutcome) -> None:
         if not self._take(job):
             return
+        job.marks["finish"] = self._clock()
+        timeline = _timeline(job)
+        outcome = replace(outcome, timeline=timeline)
         self._notify(job, "finish", outcome)
+        self.observer.timeline(timeline)
         if job.record_after is not None:
             self._record_in_background(*job.record_after)
         self.observer.finished(self._clock() - job.arrived)
@@ -460,7 +478,9 @@ class StepLoop:
                     ready.remove(job)
                     job.phase = _Phase.ACTIVE
                 steps_done = self._steps_done
+            joined_at = self._clock()
             for job in joining:
+                job.marks["admission"] = joined_at
                 self.observer.joined(steps_done - job.ready_at_step)
             self._active.extend(joining)
             if self._active:
@@ -521,6 +541,7 @@ class StepLoop:
                 self.observer.first_step(now - job.arrived)
             self._notify(job, "progress", state.step_index, state.total_steps)
             if state.done:
+                job.marks["steps"] = now
                 job.phase = _Phase.FINISHING
                 self._pool.submit(self._guarded, job, self._finish)
             else:
@@ -551,6 +572,16 @@ class StepLoop:
         for part in (left[:half], left[half:]) if half else (left,):
             if part:
                 self._call(part)
+
+
+def _timeline(job: _Job) -> dict[str, float]:
+    """Seconds per phase: from the previous mark (arrival first) to the phase's own."""
+    timeline, since = {}, job.arrived
+    for phase in PHASES:
+        if phase in job.marks:
+            timeline[phase] = job.marks[phase] - since
+            since = job.marks[phase]
+    return timeline
 
 
 def _states(jobs: list[_Job]) -> list[RequestState]:

@@ -12,6 +12,7 @@ the client classes load lazily (gRPC only when one is used).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 import uuid
@@ -83,6 +84,8 @@ class EditResult:
     computed_tokens: int
     num_tokens: int
     total_steps: int
+    # Seconds per phase on the server (prepare, admission, steps, finish), when it says.
+    timeline: dict[str, float] | None = field(default=None, compare=False)
 
     @classmethod
     def from_outputs(cls, outputs: Mapping[str, Any], request_id: str) -> EditResult:
@@ -97,6 +100,7 @@ class EditResult:
             computed_tokens=int(outputs["COMPUTED_TOKENS"]),
             num_tokens=int(outputs["NUM_TOKENS"]),
             total_steps=int(outputs["TOTAL_STEPS"]),
+            timeline=json.loads(outputs["TIMELINE"]) if outputs.get("TIMELINE") else None,
         )
 
 

@@ -25,7 +25,8 @@ Outputs
   final response:     ``EDITED_IMAGE`` (PNG; absent for register/list), ``TEMPLATE``
                       (template id edited or registered), ``TEMPLATES`` (list, ``[-1]``),
                       ``STEP``/``TOTAL_STEPS``, ``COMPUTED_TOKENS``, ``NUM_TOKENS``,
-                      ``REQUEST_ID``
+                      ``REQUEST_ID``, ``TIMELINE`` (JSON: seconds per phase of the
+                      request in the step loop: prepare, admission, steps, finish)
   errors:             a Triton error response whose message reads
                       ``[request <id>] <reason>: <what to change>`` (:mod:`.errors`)
 """
@@ -62,4 +63,5 @@ OUTPUTS: dict[str, str] = {
     "COMPUTED_TOKENS": "INT32",
     "NUM_TOKENS": "INT32",
     "REQUEST_ID": "BYTES",
+    "TIMELINE": "BYTES",
 }

@@ -456,6 +456,7 @@ def _completed(outputs: dict[str, Any], index: int, request_id: str, form: EditF
                   "output_tokens": computed, "total_tokens": total + computed},
         "request_id": request_id, "template_id": outputs.get("TEMPLATE") or form.template_id,
         "computed_tokens": computed, "num_tokens": total,
+        "timeline": json.loads(outputs["TIMELINE"]) if outputs.get("TIMELINE") else None,
     }  # fmt: skip
 
 
@@ -466,7 +467,7 @@ def _images_response(results: list[dict[str, Any]], form: EditForm, created: int
         "created": created, "background": "opaque", "output_format": "png", "quality": "auto", "size": results[0]["size"],
         "data": [{"b64_json": r["b64_json"], "revised_prompt": None, "request_id": r["request_id"],
                   "template_id": r["template_id"], "computed_tokens": r["computed_tokens"],
-                  "num_tokens": r["num_tokens"]} for r in results],
+                  "num_tokens": r["num_tokens"], "timeline": r["timeline"]} for r in results],
         "usage": usage,
     }  # fmt: skip
 

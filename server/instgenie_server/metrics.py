@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any
 
-from instgenie.step_loop import LoopLoad, LoopObserver
+from instgenie.step_loop import PHASES, LoopLoad, LoopObserver
 from instgenie.token_grid import StepCost
 from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, STEP_COST_DENSE_METRIC, STEP_COST_WEIGHT_METRIC
 
@@ -98,6 +98,14 @@ class TritonLoopMetrics(LoopObserver):
         self._first_step_seconds = self._histogram(
             "instgenie_time_to_first_step_seconds", "Arrival to the end of a request's first step", REQUEST_BUCKETS_S
         )
+        phases = self._family(
+            "instgenie_request_phase_seconds",
+            "Seconds a finished request spent in each phase of the step loop (prepare, admission, steps, finish)",
+            self._pb.MetricFamily.HISTOGRAM,
+        )
+        self._phase_seconds = {
+            phase: LockedMetric(phases, {**self._labels, "phase": phase}, REQUEST_BUCKETS_S) for phase in PHASES
+        }
         self._join_wait_steps = self._histogram(
             "instgenie_join_wait_steps",
             "Loop steps a prepared request waited before joining the batch (0-1 unless the batch is full)",
@@ -184,6 +192,10 @@ class TritonLoopMetrics(LoopObserver):
 
     def joined(self, steps_waited: int) -> None:
         self._join_wait_steps.observe(float(steps_waited))
+
+    def timeline(self, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self._phase_seconds[phase].observe(seconds)
 
     def first_step(self, wait_s: float) -> None:
         self._first_step_seconds.observe(wait_s)

@@ -6,6 +6,7 @@ Reading a request's tensors is the protocol's (:func:`instgenie_protocol.parse_r
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 
@@ -35,6 +36,8 @@ def outcome_outputs(outcome: JobOutcome, base64_output: bool) -> dict[str, np.nd
         outputs["TEMPLATE"] = bytes_tensor(outcome.template_id)
     if outcome.png is not None:
         outputs["EDITED_IMAGE"] = bytes_tensor(base64.b64encode(outcome.png) if base64_output else outcome.png)
+    if outcome.timeline is not None:
+        outputs["TIMELINE"] = bytes_tensor(json.dumps({phase: round(s, 6) for phase, s in outcome.timeline.items()}))
     return outputs
 
 
