@@ -142,6 +142,27 @@ def test_auto_templates_are_bounded_and_dropped_least_recently_used_first(engine
     assert loop.auto_register is not None and len(loop.auto_register.auto_templates()) == 2
 
 
+def test_a_recording_the_cache_cannot_hold_fails_alone_and_edits_carry_on(engines) -> None:  # type: ignore[no-untyped-def]
+    # No disk tier and a 1 KiB host budget: no template fits, so every recording fails.
+    engine = engine_over(engines["flux-fill"], host_budget_bytes=1024)
+    observer = Counts()
+    loop = _loop(engine, "always", observer)
+    image, mask = png(template_image(86)), png(rect_mask(0.3, seed=86))
+    try:
+        edits = []
+        for index in range(2):
+            edits.append(_edit(loop, f"edit{index}", image, mask))
+            deadline = time.monotonic() + 60
+            while loop.load() != type(loop.load())():  # the failed recording has left the loop
+                assert time.monotonic() < deadline, loop.load()
+                time.sleep(0.02)
+    finally:
+        loop.stop()
+    assert all(e.error is None and e.outcome.computed_tokens == e.outcome.num_tokens for e in edits)
+    assert (observer.misses, observer.recorded, observer.hits) == (2, 0, 0) and engine.template_ids() == []
+    assert loop.auto_register is not None and loop.auto_register.auto_templates() == []
+
+
 @dataclass
 class _Sized:
     """A host-tier entry stand-in: the tier reads nothing of an entry but its size."""

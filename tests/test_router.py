@@ -57,6 +57,32 @@ def test_mask_aware_counts_the_text_tokens_every_request_computes() -> None:
     assert MaskAware().choose(pool.instances, RequestCost(400.0, steps=10), 5.0) is few_large
 
 
+def test_mask_aware_chooses_as_the_plain_makespan_definition_does() -> None:
+    """The policy computes each makespan from the two largest finish times (linear in the
+    fleet); the definition, the largest finish over all instances after the assignment,
+    picks the same instance."""
+    rng = np.random.default_rng(0)
+    policy = MaskAware()
+    for trial in range(50):
+        pool = _pool(*rng.uniform(0, 5000, size=int(rng.integers(1, 9))))
+        for instance in pool.instances:
+            instance.scraped = {"instgenie_step_duration_seconds_sum": float(rng.uniform(1, 20)),
+                                "instgenie_computed_row_tokens_total": 1e5, "instgenie_text_tokens": 64.0}  # fmt: skip
+            if rng.random() < 0.3:
+                instance.remember("tpl-00000000000000000001")
+        cost = RequestCost(float(rng.uniform(100, 4000)), "tpl-00000000000000000001", 8)
+        speed = {i.name: policy.speed(i, pool.instances) for i in pool.instances}
+        finish = {i.name: (i.outstanding(time.monotonic(), 3.0) + i.outstanding_text_steps()) * speed[i.name] for i in pool.instances}
+
+        def definition(instance: Instance) -> tuple[float, float, bool, str]:
+            own = finish[instance.name] + (cost.token_steps + instance.text_tokens * cost.steps) * speed[instance.name]
+            own += 0.0 if instance.holds(cost.template_id) else policy.cold_template_s
+            others = [f for name, f in finish.items() if name != instance.name]
+            return max([own, *others]), own, not instance.holds(cost.template_id), instance.name
+
+        assert policy.choose(pool.instances, cost, 3.0) is min(pool.instances, key=definition), trial
+
+
 def test_instance_spec_defaults_to_tritons_port_layout() -> None:
     instance = Instance.parse("node-1:8001")
     assert (instance.grpc_port, instance.http_port, instance.metrics_port) == (8001, 8000, 8002)

@@ -32,7 +32,7 @@ from . import (
     register_inputs,
     request_inputs,
 )
-from instgenie_protocol import EDIT_MODEL, sse_data
+from instgenie_protocol import EDIT_MODEL, json_error_text, sse_data
 
 ProgressCallback = Callable[[Progress], None]
 
@@ -133,7 +133,7 @@ class SseInstGenIEClient:
             response = connection.getresponse()
             if "text/event-stream" not in (response.getheader("Content-Type") or ""):
                 # Triton refused the request before the model saw it (bad JSON type, unknown model).
-                raise _server_error(_error_text(response.read()), request_id)
+                raise _server_error(json_error_text(response.read()), request_id)
             final: dict[str, Any] | None = None
             for event in _events(response, sock, clock, request_id):
                 if "error" in event:
@@ -170,13 +170,6 @@ def _events(
         return line
 
     return sse_data(readline)
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")
 
 
 def _server_error(text: str, request_id: str) -> Exception:

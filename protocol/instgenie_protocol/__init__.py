@@ -12,7 +12,7 @@ from .errors import ERROR_CODES, HTTP_STATUS, ServerError, error_code, error_mes
 from .names import ACTIONS, BASELINE_MODEL, EDIT_MODEL, INPUTS, OUTPUTS, SYNC_MODEL
 from .prometheus import Sample, parse_samples, sample_sum
 from .requests import ParsedRequest, decode_blob, parse_request
-from .sse import sse_data, sse_event
+from .sse import json_error_text, sse_data, sse_event
 from .template_ids import check_template_id, is_template_id
 from .tokens import (
     DEFAULT_PIXELS_PER_TOKEN,
@@ -53,6 +53,7 @@ __all__ = [
     "image_token_count",
     "image_work",
     "is_template_id",
+    "json_error_text",
     "mask_token_count",
     "mask_work",
     "parse_request",

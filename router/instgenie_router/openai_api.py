@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from instgenie_protocol import EDIT_MODEL, ServerError, check_template_id, decode_blob, http_status, sse_data, sse_event
+from instgenie_protocol import EDIT_MODEL, ServerError, check_template_id, decode_blob, http_status, json_error_text, sse_data, sse_event
 
 from .grpc_proxy import NoInstance, Overloaded
 from .http_proxy import open_routed
@@ -300,7 +300,7 @@ class _Upstream(threading.Thread):
                 return
             response = connection.getresponse()
             if "text/event-stream" not in (response.getheader("Content-Type") or ""):
-                raise OpenAIError.from_instance(_error_text(response.read()))
+                raise OpenAIError.from_instance(json_error_text(response.read()))
 
             def readline() -> bytes:
                 left = deadline - time.monotonic()
@@ -332,13 +332,6 @@ class _Upstream(threading.Thread):
         if connection is not None and connection.sock is not None:
             with contextlib.suppress(OSError):
                 connection.sock.shutdown(socket.SHUT_RDWR)
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace")
 
 
 # -- the handlers --------------------------------------------------------------------------------

@@ -87,14 +87,19 @@ class MaskAware:
         """Seconds per token-step, from the instance's counters when it has run any (step
         time over the masked and text tokens its steps computed), kept within
         :data:`SPEED_SPREAD` of the ``fleet``'s."""
+        return self._speed(instance, self._fleet_average(fleet))
+
+    def _speed(self, instance: Instance, average: float | None) -> float:
         steps_s, tokens = self._work(instance)
         own = steps_s / tokens if tokens > 0 and steps_s > 0 else self.seconds_per_token_step
+        if average is None:
+            return own
+        return min(max(own, average / SPEED_SPREAD), average * SPEED_SPREAD)
+
+    def _fleet_average(self, fleet: Sequence[Instance]) -> float | None:
         totals = [self._work(i) for i in fleet]
         fleet_s, fleet_tokens = sum(t[0] for t in totals), sum(t[1] for t in totals)
-        if fleet_s <= 0 or fleet_tokens <= 0:
-            return own
-        average = fleet_s / fleet_tokens
-        return min(max(own, average / SPEED_SPREAD), average * SPEED_SPREAD)
+        return fleet_s / fleet_tokens if fleet_s > 0 and fleet_tokens > 0 else None
 
     @staticmethod
     def _work(instance: Instance) -> tuple[float, float]:
@@ -104,11 +109,22 @@ class MaskAware:
         return instance.scraped.get("instgenie_step_duration_seconds_sum", 0.0), tokens
 
     def choose(self, candidates: Sequence[Instance], cost: RequestCost, stale_after_s: float) -> Instance:
+        # Linear in the instances (docs/benchmarks/scaling.md): the fleet's average speed
+        # once, and each candidate's makespan from the two largest finish times.
         now = time.monotonic()
-        speed = {i.name: self.speed(i, candidates) for i in candidates}
+        average = self._fleet_average(candidates)
+        speed = {i.name: self._speed(i, average) for i in candidates}
         finish = {
             i.name: (i.outstanding(now, stale_after_s) + i.outstanding_text_steps()) * speed[i.name] for i in candidates
         }
+        ranked = sorted(finish.items(), key=lambda item: item[1], reverse=True)[:2]
+
+        def others_latest(name: str) -> float:
+            """The largest finish time of the instances other than ``name``."""
+            for other, value in ranked:
+                if other != name:
+                    return value
+            return 0.0
 
         def after_assignment(instance: Instance) -> tuple[float, float, bool, str]:
             own = finish[instance.name] + (cost.token_steps + instance.text_tokens * cost.steps) * speed[instance.name]
@@ -116,7 +132,7 @@ class MaskAware:
                 own += (cost.record_token_steps or 0.0) * speed[instance.name]
             elif not instance.holds(cost.template_id):
                 own += self.cold_template_s
-            makespan = max([own] + [f for name, f in finish.items() if name != instance.name])
+            makespan = max(own, others_latest(instance.name))
             return makespan, own, not instance.holds(cost.template_id), instance.name
 
         return min(candidates, key=after_assignment)
