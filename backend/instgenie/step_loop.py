@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import torch
+from PIL import Image
 
 from .auto_register import AutoRegistrar
 from .engine import Engine
@@ -304,7 +305,7 @@ class StepLoop:
         elif request.action == "edit":
             if request.mask is None:
                 raise InvalidInput("edit needs MASK (white = the region to edit)")
-            template = None
+            template, image, found = None, request.image, False
             if request.template_id is not None:
                 try:
                     template = engine.template(request.template_id)
@@ -313,13 +314,13 @@ class StepLoop:
                     raise
                 self.observer.template_lookup(True)
             elif request.image is not None and not request.full_compute and self.auto_register is not None:
-                template = self._auto_template(job)
-            found = template is not None and request.template_id is None  # the raw image's own template
+                template, image = self._auto_template(job)
+                found = template is not None  # the raw image's own template
             state = engine.prepare_edit(
                 request.mask,
                 request.prompt,
                 template_id=template,
-                image=None if found else request.image,
+                image=None if found else image,
                 seed=request.seed,
                 steps=request.steps,
                 guidance=request.guidance,
@@ -342,9 +343,10 @@ class StepLoop:
             self._cond.notify_all()
         self._publish_load()
 
-    def _auto_template(self, job: _Job) -> TemplateRecord | None:
-        """The template a raw image's edit may use (:mod:`~instgenie.auto_register`); on a
-        miss, the image's recording follows the edit when the policy says so."""
+    def _auto_template(self, job: _Job) -> tuple[TemplateRecord | None, Image.Image]:
+        """The template a raw image's edit may use (:mod:`~instgenie.auto_register`), and the
+        image decoded once (a miss edits it); on a miss, the image's recording follows the
+        edit when the policy says so."""
         request = job.request
         assert self.auto_register is not None and request.image is not None
         engine = self.engine
@@ -359,7 +361,7 @@ class StepLoop:
                 template = None
             if template is not None:
                 self.observer.auto_template(True)
-                return template
+                return template, key_spec.image
         self.observer.auto_template(False)
         if self.auto_register.sighted(key):
             spec = key_spec
@@ -369,7 +371,7 @@ class StepLoop:
             # Queued when this edit settles, not now: the edit that triggered it must not
             # share its steps with (and wait for) a recording that no client waits for.
             job.record_after = (key, spec)
-        return None
+        return None, key_spec.image
 
     def _record_in_background(self, key: str, spec: TemplateSpec) -> None:
         """Queue the recording of a raw image as one more job; no client waits for it."""
