@@ -279,3 +279,31 @@ def _get_json(router: Router, path: str) -> dict:
 def _error_body(error: urllib.error.HTTPError) -> dict:
     return json.loads(error.read())["error"]
 
+
+
+def test_stopping_the_router_cancels_its_open_streams_and_tells_their_clients(triton_server) -> None:  # type: ignore[no-untyped-def]
+    _idle(triton_server)
+    before = metric(metrics(triton_server.metrics_url), "instgenie_cancellations_total")
+    config = RouterConfig([_spec(triton_server)], grpc_port=0, http_port=0, metrics_port=0)
+    router = Router(config).start()
+    try:
+        stream = _client(router).images.edit(
+            image=("i.png", png(template_image(71, size=512))), mask=("m.png", png(rect_mask(0.3, size=512, seed=71))),
+            prompt="a clock", stream=True, extra_body={"steps": 100},
+        )  # fmt: skip
+        events = iter(stream)
+        assert next(events).type == "image_edit.progress"
+        started = time.monotonic()
+        router.stop(grace_s=0.5)
+        assert time.monotonic() - started < 10
+        with pytest.raises(openai.APIError) as caught:
+            for _ in events:  # the progress already on its way, then the error
+                pass
+        assert caught.value.body["code"] == "shutting_down"  # type: ignore[index]
+    finally:
+        router.stop(grace_s=0)
+    deadline = time.monotonic() + 30
+    while metric(metrics(triton_server.metrics_url), "instgenie_cancellations_total") <= before:
+        assert time.monotonic() < deadline, "the edit kept running after the router stopped"
+        time.sleep(0.1)
+    _idle(triton_server)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from .service import Router
 
-__all__ = ["OpenAIError", "EditForm", "parse_edit_form", "handle_edit", "handle_models", "handle_templates"]
+__all__ = ["OpenAIError", "OpenEdits", "EditForm", "parse_edit_form", "handle_edit", "handle_models", "handle_templates"]
 
 log = logging.getLogger("instgenie.router")
 
@@ -325,13 +325,39 @@ class _Upstream(threading.Thread):
             connection.close()
             router.pool.finish(instance, key)
 
-    def close(self) -> None:
-        """Cancel: closing the connection makes Triton cancel the request on the instance."""
+    def close(self, reason: str | None = None) -> None:
+        """Cancel: closing the connection makes Triton cancel the request on the instance.
+        ``reason``: tell the client why (the router is stopping), as a 503."""
+        if reason is not None and not self._closed.is_set():
+            self.events.put(("error", self.index, OpenAIError(503, reason, code="shutting_down")))
         self._closed.set()
         connection = self._connection
         if connection is not None and connection.sock is not None:
             with contextlib.suppress(OSError):
                 connection.sock.shutdown(socket.SHUT_RDWR)
+
+
+class OpenEdits:
+    """The OpenAI edits a router is running, so that stopping it cancels them."""
+
+    def __init__(self) -> None:
+        self._calls: set[_Upstream] = set()
+        self._lock = threading.Lock()
+
+    def add(self, calls: list[_Upstream]) -> None:
+        with self._lock:
+            self._calls.update(calls)
+
+    def remove(self, calls: list[_Upstream]) -> None:
+        with self._lock:
+            self._calls.difference_update(calls)
+
+    def close_all(self, reason: str) -> None:
+        """Cancel every running edit upstream; its client hears ``reason`` (503)."""
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.close(reason)
 
 
 # -- the handlers --------------------------------------------------------------------------------
@@ -388,6 +414,7 @@ def _serve_edit(handler: BaseHTTPRequestHandler, router: "Router", form: EditFor
     calls = [_Upstream(router, form, index, events) for index in range(form.n)]
     log.info("OpenAI edit of %s, n=%d, stream=%s, user=%s: %s", form.template_id or f"an image ({form.size})", form.n,
              form.stream, form.user, [c.request_id for c in calls])  # fmt: skip
+    router.openai_edits.add(calls)
     for call in calls:
         call.start()
     created = int(time.time())
@@ -433,6 +460,7 @@ def _serve_edit(handler: BaseHTTPRequestHandler, router: "Router", form: EditFor
     finally:
         for call in calls:
             call.close()
+        router.openai_edits.remove(calls)
         handler.close_connection = True
 
 

@@ -67,6 +67,7 @@ class Router:
         self.grpc_port = self._server.add_insecure_port(f"{config.host}:{config.grpc_port}")
         if not self.grpc_port:
             raise OSError(f"cannot listen on {config.host}:{config.grpc_port}")
+        self.openai_edits = openai_api.OpenEdits()
         self._http = ThreadingHTTPServer((config.host, config.http_port), _handler(self, metrics_only=False))
         self._metrics_http = ThreadingHTTPServer((config.host, config.metrics_port), _handler(self, metrics_only=True))
         self.http_port = self._http.server_address[1]
@@ -87,6 +88,9 @@ class Router:
 
     def stop(self, grace_s: float = 5.0) -> None:
         self._server.stop(grace_s).wait()
+        # gRPC calls had grace_s to finish; OpenAI edits still running are cancelled
+        # upstream and their clients told to send them again (a 503).
+        self.openai_edits.close_all("the router is shutting down; send the edit again")
         for server in (self._http, self._metrics_http):
             server.shutdown()
             server.server_close()
