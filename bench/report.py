@@ -23,6 +23,15 @@ LABELS = {
 # Goals of the project (docs/shared design: up to 3x throughput, 14.7x lower mean latency published).
 GOAL_THROUGHPUT = 2.5
 GOAL_MEAN_LATENCY = 10.0
+# Goals of the serving path (issue 15): it costs no more than the engine saves.
+GOAL_SERVING_OVERHEAD = 1.05  # served unloaded latency over its in-process / baseline counterpart, at most
+GOAL_CAPACITY_SHARE = 0.95  # served capacity ratio over the in-process speed-up, at least
+GOAL_SERVING_THROUGHPUT = 2.0  # throughput at equal P95 (declared SLO) over the baseline's, at least
+IN_PROCESS_LABELS = {
+    "engine": "engine, masked edit (in process)",
+    "engine_full": "engine, full computation (in process)",
+    "stock": "stock diffusers pipeline (in process)",
+}
 
 
 
@@ -176,6 +185,80 @@ def met(value: float | None, qualifier: str, goal: float) -> str:
     return "yes" if value >= goal else "no"
 
 
+def met_goal(value: float | None, qualifier: str, goal: tuple[str, float]) -> str:
+    """``goal`` = ("<=", bound) or (">=", bound)."""
+    direction, bound = goal
+    if direction == ">=":
+        return met(value, qualifier, bound)
+    if value is None or qualifier in ("n/a", "?"):
+        return "not measurable"
+    return "yes" if value <= bound else "no"
+
+
+def serving_path_goals(report: dict) -> list[tuple[tuple[str, float], float | None, str, str]]:
+    """The serving path's goals: (goal, measured, qualifier, text) per row."""
+    unloaded, head = report["unloaded"], report["headline"]
+    primary = next(s for s in head["slos"] if s["factor"] == report["config"]["slo_factor"])
+    mean = {system: u.get("mean_s") for system, u in unloaded.items()}
+
+    def over(a: str, b: str) -> float | None:
+        return mean[a] / mean[b] if mean.get(a) and mean.get(b) else None
+
+    rows: list[tuple[tuple[str, float], float | None, str, str]] = [
+        (("<=", GOAL_SERVING_OVERHEAD), over("full", "baseline"), "",
+         f"unloaded latency: full / baseline <= {GOAL_SERVING_OVERHEAD:g}x"),
+    ]  # fmt: skip
+    if "engine" in mean:
+        rows.append((("<=", GOAL_SERVING_OVERHEAD), over("instgenie", "engine"), "",
+                     f"unloaded latency: instgenie / the in-process engine's edit <= {GOAL_SERVING_OVERHEAD:g}x"))  # fmt: skip
+    in_process, peak = report.get("in_process"), head["max_throughput"]
+    if in_process and peak.get("baseline"):
+        share = peak["instgenie"] / peak["baseline"] / in_process["speedup"]
+        rows.append(((">=", GOAL_CAPACITY_SHARE), share, "",
+                     f"capacity: instgenie / baseline over the in-process speed-up ({in_process['speedup']:.2f}x at mask "
+                     f"ratio {in_process['mask_ratio']:.3f}) >= {GOAL_CAPACITY_SHARE:g}"))  # fmt: skip
+    value, qualifier = primary["throughput_instgenie"]
+    rows.append(((">=", GOAL_SERVING_THROUGHPUT), value, qualifier,
+                 f"throughput at equal P95 >= {GOAL_SERVING_THROUGHPUT:g}x the baseline (declared SLO; the serving path's goal)"))  # fmt: skip
+    return rows
+
+
+def serving_path_lines(report: dict) -> list[str]:
+    """Where an unloaded request's time went: the step loop's phases and the rest, next to
+    the same work in process."""
+    unloaded = report["unloaded"]
+    served = [s for s in ("full", "instgenie") if unloaded.get(s, {}).get("timeline_mean_s")]
+    if not served:
+        return []
+    phases = list(unloaded[served[0]]["timeline_mean_s"])
+    lines = [
+        "",
+        "Where an unloaded request's time went, from the `TIMELINE` the server returns (means, seconds): the step "
+        "loop's phases (prepare = waiting for a helper, decoding, prompt and VAE encoding in the codec process; "
+        "admission = waiting to join the batch; steps; finish = VAE decode, paste, PNG) and the rest of the serving "
+        "path (gRPC, Triton, the stub, the client).",
+        "",
+        "| system | " + " | ".join(phases) + " | latency | in process | served / in process |",
+        "|---|" + "---:|" * (len(phases) + 3),
+    ]
+    counterpart = {"full": "engine_full", "instgenie": "engine"}
+    for system in served:
+        u = unloaded[system]
+        local = unloaded.get(counterpart[system], {}).get("mean_s")
+        ratio = u["mean_s"] / local if local else None
+        lines.append(
+            f"| {system} | " + " | ".join(fmt(u["timeline_mean_s"].get(p), 3) for p in phases)
+            + f" | {fmt(u['mean_s'], 3)} | {fmt(local, 3)} | {bounded(ratio, '', digits=3, suffix='x')} |"
+        )
+    if unloaded.get("stock", {}).get("mean_s") and unloaded.get("baseline", {}).get("mean_s"):
+        lines += [
+            "",
+            f"The baseline model served takes {unloaded['baseline']['mean_s'] / unloaded['stock']['mean_s']:.3f}x the "
+            "stock pipeline's call in process.",
+        ]
+    return lines
+
+
 def write_markdown(report: dict, path: Path, png_path: Path) -> str:
     cfg, env, head = report["config"], report["environment"], report["headline"]
     unloaded = report["unloaded"]
@@ -221,12 +304,14 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
         "| system | mean latency (s) | time to first step (s) | capacity estimate 1/latency (req/s) | other processes, worst request (cores) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for system in SYSTEMS:
+    for system in (*SYSTEMS, *[s for s in IN_PROCESS_LABELS if s in unloaded]):
         u = unloaded[system]
+        ttfs = "-" if system in IN_PROCESS_LABELS else fmt(u.get("ttfs_mean_s"))
         lines.append(
-            f"| {system} | {fmt(u.get('mean_s'))} | {fmt(u.get('ttfs_mean_s'))} | "
+            f"| {IN_PROCESS_LABELS.get(system, system)} | {fmt(u.get('mean_s'))} | {ttfs} | "
             f"{fmt(1 / u['mean_s'] if u.get('mean_s') else None, 3)} | {fmt(u.get('other_cores'))} |"
         )
+    lines += serving_path_lines(report)
     lines += [
         "",
         f"Offered rates (req/s): {', '.join(f'{r:.3f}' for r in cfg['rates'])} ({cfg['rate_origin']}).",
@@ -332,6 +417,8 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
             f"| the same at a {s['factor']:g}x SLO | {bounded(value, qualifier, suffix='x')} | "
             f"{met(value, qualifier, GOAL_THROUGHPUT)} |"
         )
+    for goal, value, qualifier, goal_text in serving_path_goals(report):
+        lines.append(f"| {goal_text} | {bounded(value, qualifier, digits=3, suffix='x')} | {met_goal(value, qualifier, goal)} |")
     latency = head["latency_instgenie"]
     lines.append(
         f"| mean latency at the baseline's saturation rate ({fmt(head['saturation_rate'], 3)} req/s) >= "

@@ -49,7 +49,9 @@ from sample_inputs import sample_template  # noqa: E402
 from workload import (  # noqa: E402 - trace, workload, caller, statistics
     Caller,
     GRID,
+    InProcess,
     OtherLoad,
+    PROMPTS,
     ROOT,
     Record,
     Request,
@@ -62,6 +64,7 @@ from workload import (  # noqa: E402 - trace, workload, caller, statistics
     metric_snapshot,
     png,
     read_trace,
+    rect_mask,
     run_open_loop,
     run_sequential,
     server_stats,
@@ -211,6 +214,51 @@ class Stack:
         self.workdir.cleanup()
 
 
+def measure_unloaded(stack: Stack, local: InProcess, trace: np.ndarray) -> tuple[dict[str, dict], list[Record]]:
+    """Sequential requests (a separate draw of the same trace) to every served system and
+    the same edits in this process, interleaved request by request: the machine's speed
+    drifts over minutes, and the serving path's cost is a ratio of neighbours."""
+    args = stack.args
+    callers = {**{system: stack.caller for system in SYSTEMS}, **{system: local for system in InProcess.SYSTEMS}}
+    probe = make_workload(args.warmup + args.unloaded, args.size, trace, len(stack.templates), args.seed + 1)
+    for system, call in callers.items():
+        run_sequential(call, system, probe[: args.warmup])
+    measured: dict[str, list[Record]] = {system: [] for system in callers}
+    worst = dict.fromkeys(callers, 0.0)
+    for request in probe[args.warmup :]:
+        for system, call in callers.items():
+            records, cores = run_sequential(call, system, [request], quiet=(stack.exclude, args.quiet_wait))
+            measured[system] += records
+            worst[system] = max(worst[system], cores)
+        wait_idle(stack.server)
+    unloaded = {}
+    for system, records in measured.items():
+        unloaded[system] = {**summarize(records), "other_cores": worst[system]}
+        unloaded[system].pop("throughput", None)
+        log.info("unloaded %s: %.2f s", system, unloaded[system].get("mean_s", float("nan")))
+    return unloaded, [record for records in measured.values() for record in records]
+
+
+def speedup_at_mean_mask(stack: Stack, local: InProcess, ratio: float) -> dict:
+    """The in-process speed-up of a masked edit over the stock pipeline at the workload's
+    mean mask ratio: what the served capacity ratio is held against."""
+    args = stack.args
+    rng = np.random.default_rng(args.seed + 2)
+    seconds: dict[str, list[float]] = {system: [] for system in ("engine", "stock")}
+    for index in range(args.unloaded):
+        mask, exact = rect_mask(args.size, ratio, rng)
+        request = Request(index, index % len(stack.templates), mask, exact, PROMPTS[index % len(PROMPTS)], 0.0)
+        for system in seconds:
+            record = Record(system, 0.0, index, request.template, exact, scheduled_s=0.0)
+            local(system, request, record)
+            if not record.ok:
+                raise RuntimeError(f"in-process {system} failed: {record.error}")
+            seconds[system].append(record.latency)
+    engine, stock = float(np.mean(seconds["engine"])), float(np.mean(seconds["stock"]))
+    log.info("in process at mask ratio %.3f: engine %.2f s, stock %.2f s (%.2fx)", ratio, engine, stock, stock / engine)
+    return {"mask_ratio": ratio, "engine_s": seconds["engine"], "stock_s": seconds["stock"], "speedup": stock / engine}
+
+
 def redo(args: argparse.Namespace, raw_argv: list[str]) -> int:
     """Re-measure some (system, rate) runs of a saved report on a fresh server and merge them in.
 
@@ -291,19 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     discarded: list[dict] = []  # summaries of runs repeated because other jobs loaded the machine
     stack = Stack(args)
     try:
-        caller, server, exclude = stack.caller, stack.server, stack.exclude
-        # Unloaded latency: sequential requests from a separate draw of the same trace.
-        probe = make_workload(args.warmup + args.unloaded, args.size, trace, len(stack.templates), args.seed + 1)
-        unloaded: dict[str, dict] = {}
-        for system in SYSTEMS:
-            run_sequential(caller, system, probe[: args.warmup])
-            measured, other_cores = run_sequential(caller, system, probe[args.warmup :], quiet=(exclude, args.quiet_wait))
-            records += measured
-            unloaded[system] = summarize(measured)
-            unloaded[system].pop("throughput", None)
-            unloaded[system]["other_cores"] = other_cores
-            log.info("unloaded %s: %.2f s", system, unloaded[system].get("mean_s", float("nan")))
-            wait_idle(server)
+        workload = make_workload(args.requests, args.size, trace, len(stack.templates), args.seed)
+        local = InProcess(stack.model, args.text_len, stack.templates)
+        unloaded, unloaded_records = measure_unloaded(stack, local, trace)
+        records += unloaded_records
+        in_process = speedup_at_mean_mask(stack, local, float(np.mean([r.mask_ratio for r in workload])))
+        del local  # its memory and threads, before the loaded runs
         for system in SYSTEMS:
             if not unloaded[system].get("mean_s"):
                 raise RuntimeError(f"{system} failed every unloaded request: {unloaded[system]['error_messages']}")
@@ -324,7 +365,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         log.info("rates: %s", rates)
 
-        workload = make_workload(args.requests, args.size, trace, len(stack.templates), args.seed)
         for rate in rates:
             for system in SYSTEMS:
                 run, summary, repeated = stack.measure(system, rate, workload)
@@ -365,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         },
         "unloaded": unloaded,
+        "in_process": in_process,
         "summaries": summaries,
         "discarded_runs": discarded,
         "runtime_s": time.monotonic() - started,

@@ -281,6 +281,59 @@ class Caller:
         record.num_tokens = int(result.as_numpy("NUM_TOKENS").reshape(-1)[0])
 
 
+class InProcess:
+    """The same edits without a server: the engine and the stock diffusers pipeline in this
+    process, on its main thread, with the server idle beside it.
+
+    Systems: ``engine`` (the masked edit, ``Engine.edit`` with the template), ``engine_full``
+    (the engine's full computation) and ``stock`` (the diffusers pipeline's own call on the
+    template image and mask). What the served systems take beyond these is the serving path.
+    """
+
+    SYSTEMS = ("engine", "engine_full", "stock")
+
+    def __init__(self, model_dir: Path, text_len: int, templates: list[Template]) -> None:
+        from instgenie import Engine
+
+        self.engine = Engine.from_pretrained(str(model_dir), max_sequence_length=text_len)
+        self.text_len = text_len
+        self.templates = templates
+        for template in templates:
+            record = self.engine.register_template(template.image, template.prompt, seed=template.seed, steps=template.steps)
+            if record.template_id != template.template_id:  # same model, inputs and settings: same id
+                raise RuntimeError(f"in-process template {record.template_id} != served {template.template_id}")
+
+    def __call__(self, system: str, request: Request, record: Record) -> None:
+        template = self.templates[request.template]
+        record.sent_s = time.monotonic()
+        try:
+            if system == "stock":
+                self._stock(template, request)
+                record.num_tokens = record.computed_tokens = None
+            else:
+                result = self.engine.edit(
+                    request.mask, request.prompt, template_id=template.template_id, full_compute=system == "engine_full"
+                )
+                record.computed_tokens, record.num_tokens = result.computed_tokens, result.num_tokens
+        except Exception as exc:  # every failure is data
+            record.error = f"{type(exc).__name__}: {exc}"
+        record.done_s = time.monotonic()
+        record.first_step_s = record.done_s
+
+    def _stock(self, template: Template, request: Request) -> None:
+        import torch
+
+        pipe = self.engine.family.pipe
+        image = Image.open(io.BytesIO(template.image)).convert("RGB")
+        mask = Image.open(io.BytesIO(request.mask))
+        settings = self.engine.template(template.template_id).settings
+        pipe(
+            prompt=request.prompt, image=image, mask_image=mask, height=image.height, width=image.width,
+            num_inference_steps=template.steps, guidance_scale=settings.guidance,
+            generator=torch.Generator().manual_seed(template.seed), max_sequence_length=self.text_len,
+        ).images[0].save(io.BytesIO(), format="PNG")  # fmt: skip
+
+
 def run_open_loop(caller: Caller, system: str, rate: float, workload: list[Request]) -> list[Record]:
     """Send ``workload`` at ``rate`` requests/s (its Poisson arrivals scaled), never waiting on earlier requests."""
     records = [
@@ -444,8 +497,14 @@ def summarize(records: list[Record]) -> dict[str, Any]:
         ttfs_p95_s=float(np.percentile(ttfs, 95)) if len(ttfs) else None,
         after_last_step_mean_s=float(after.mean()) if len(after) else None,
         after_last_step_p95_s=float(np.percentile(after, 95)) if len(after) else None,
-        computed_token_fraction=float(np.mean([r.computed_tokens / r.num_tokens for r in ok if r.num_tokens])),
+        computed_token_fraction=float(np.mean([r.computed_tokens / r.num_tokens for r in ok if r.num_tokens]))
+        if any(r.num_tokens for r in ok) else None,
     )
+    timed = [r for r in ok if r.timeline]
+    if timed:  # where the time went: the step loop's phases, and the rest of the serving path
+        phases = {name: float(np.mean([r.timeline.get(name, 0.0) for r in timed])) for name in timed[0].timeline}  # type: ignore[union-attr]
+        phases["outside the loop"] = float(np.mean([r.latency - sum(r.timeline.values()) for r in timed]))  # type: ignore[union-attr]
+        summary["timeline_mean_s"] = phases
     return summary
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,57 @@ def test_codec_workers_exit_when_their_parent_dies(model_dirs: dict[str, Path], 
         time.sleep(0.2)
         alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
     assert not alive, f"orphaned codec workers {alive}"
+
+
+def test_beside_a_process_codec_helpers_run_single_threaded_and_the_loop_keeps_its_threads(
+    model_dirs: dict[str, Path],
+) -> None:
+    """The step loop's OpenMP team stays the process's only one (``compute_threads``),
+    and the edit is still byte for byte the in-process one."""
+    from instgenie.step_loop import EditRequest, JobOutcome, LoopObserver, StepLoop
+
+    engine = Engine.from_pretrained(str(model_dirs["flux-fill"]), max_sequence_length=TEXT_LEN)
+    template = engine.register_template(png(template_image(32)), "a room", seed=5, steps=3)
+    mask = png(rect_mask(0.3, seed=5))
+    reference = engine.edit(mask, "a hat", template_id=template.template_id)
+    loop_threads = torch.get_num_threads()
+
+    class StepThreads(LoopObserver):
+        seen: set[int] = set()
+
+        def step(self, duration_s: float, batch_size: int, row_tokens: float) -> None:
+            self.seen.add(torch.get_num_threads())  # called on the loop's thread
+
+    class Sink:
+        outcome: JobOutcome | None = None
+        finished_on: int | None = None
+
+        def __init__(self) -> None:
+            self.done = threading.Event()
+
+        def cancelled(self) -> bool:
+            return False
+
+        def progress(self, step: int, total_steps: int) -> None:
+            pass
+
+        def finish(self, outcome: JobOutcome) -> None:  # called on a helper thread
+            self.outcome, self.finished_on = outcome, torch.get_num_threads()
+            self.done.set()
+
+        def fail(self, error: Exception) -> None:
+            self.done.set()
+
+    engine.use_codec(ProcessCodec(engine.family, str(model_dirs["flux-fill"]), workers=1, nice=5))
+    observer = StepThreads()
+    loop = StepLoop(engine, observer=observer)
+    try:
+        sink = Sink()
+        loop.submit(EditRequest("threads", prompt="a hat", mask=mask, template_id=template.template_id), sink)
+        assert sink.done.wait(60)
+    finally:
+        loop.stop()
+        engine.codec.close()
+    assert sink.outcome is not None and sink.outcome.png == reference.png
+    assert observer.seen == {loop_threads}
+    assert sink.finished_on == 1

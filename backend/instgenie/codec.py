@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .compute_threads import use_intra_op_threads
 from .families import Family, GenerationSettings, LatentInputs, TextEmbeddings
 from .imaging import encode_png
 from .lifetime import exit_with_parent
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 
 class Codec(Protocol):
+    #: Whether the text encoders and the VAE run in the calling thread (then that
+    #: thread needs the step loop's intra-op thread count; see ``compute_threads``).
+    runs_networks_here: bool
+
     def encode_prompt(self, prompt: str, settings: GenerationSettings) -> TextEmbeddings: ...
 
     def prepare_latents(
@@ -64,6 +69,8 @@ class RenderedImage:
 
 class LocalCodec:
     """The family's own methods, in the calling thread."""
+
+    runs_networks_here = True
 
     def __init__(self, family: Family) -> None:
         self.family = family
@@ -105,7 +112,7 @@ def _load(model_dir: str, device: str, dtype: str, threads: int, nice: int) -> N
     from .loading import load_pipeline
 
     exit_with_parent()  # a SIGKILLed stub cannot shut its pool down
-    torch.set_num_threads(threads)
+    use_intra_op_threads(threads)
     if nice and hasattr(os, "nice"):
         os.nice(nice)
     pipe, family_cls, _ = load_pipeline(model_dir, device, getattr(torch, dtype))
@@ -137,6 +144,8 @@ class ProcessCodec:
     is loaded too and unused). Preparation that reuses a template's latents stays
     local unless the family still runs its VAE then (``Family.encodes_on_reuse``).
     """
+
+    runs_networks_here = False
 
     def __init__(
         self,

@@ -6,8 +6,11 @@ is not a denoising step (decoding bytes, prompt encoding, VAE encode/decode, PNG
 encoding) runs on a small worker pool, never on the loop's thread; the heavy part of
 it goes through the engine's codec, which a server puts in lower-priority processes
 (:class:`~instgenie.codec.ProcessCodec`) so it fills the gaps instead of stretching
-the step cadence. Workers keep the process's intra-op thread count: CPU kernels round
-differently with another thread count, and exactness needs identical kernels.
+the step cadence. Workers that run the networks themselves (an in-process codec) keep
+the loop's intra-op thread count: CPU kernels round differently with another thread
+count, and exactness needs identical kernels. Beside an out-of-process codec they run
+single-threaded, so that the loop's OpenMP team stays the process's only one
+(:mod:`~instgenie.compute_threads`).
 
 The loop knows nothing about Triton. A caller hands it an :class:`EditRequest` with a
 :class:`JobSink`; the loop calls ``progress`` after every step and exactly one of
@@ -29,6 +32,7 @@ import torch
 from PIL import Image
 
 from .auto_register import AutoRegistrar
+from .compute_threads import single_threaded_helper, use_intra_op_threads
 from .engine import Engine
 from .states import RequestState
 from .errors import CacheCorrupt, Cancelled, InstGenIEError, InternalError, InvalidInput, QueueFull, ShuttingDown, UnknownTemplate
@@ -263,10 +267,13 @@ class StepLoop:
 
     # -- worker side -------------------------------------------------------------------
     def _init_worker(self) -> None:
-        # torch's intra-op thread count is per thread; keep the loop's (see module doc).
+        # torch's intra-op thread count is per thread (see module doc).
         # No lower priority for these threads: one descheduled while holding the GIL
         # would stall the loop (priority inversion); the codec's processes take that role.
-        torch.set_num_threads(self._torch_threads)
+        if self.engine.codec.runs_networks_here:
+            use_intra_op_threads(self._torch_threads)
+        else:
+            single_threaded_helper()
 
     def _guarded(self, job: _Job, work: Callable[[_Job], None]) -> None:
         try:
@@ -463,7 +470,7 @@ class StepLoop:
     def _run(self) -> None:
         # Pinned here too, not left to torch's lazy per-thread default: the loop's kernels
         # must be the ones a solo run in the caller's thread uses (exactness).
-        torch.set_num_threads(self._torch_threads)
+        use_intra_op_threads(self._torch_threads)
         while True:
             with self._cond:
                 while not self._active and not self._queues.ready and not self._stopping:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..activations import TemplateActivations
+from ..compute_threads import single_threaded_helper
 from ..errors import CacheBudgetExceeded, CacheCorrupt, UnknownTemplate
 from .disk import DiskTier
 from .entry import KeptTokens, RowKV, StepKV, kept_from_meta, kept_to_meta
@@ -81,7 +82,11 @@ class ActivationStore:
         self._stats = CacheStats()
         self._templates: dict[str, tuple[int, KeptTokens | None]] = {}  # id -> (steps, tokens kept per site)
         self._loading: dict[StepKey, Future[StepKV]] = {}
-        self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="instgenie-prefetch")
+        # Loading is reading and copying: single-threaded, so the step loop's OpenMP
+        # team stays the process's only one (see ``compute_threads``).
+        self._pool = ThreadPoolExecutor(
+            prefetch_workers, thread_name_prefix="instgenie-prefetch", initializer=single_threaded_helper
+        )
 
     # -- templates -----------------------------------------------------------------
     def put(

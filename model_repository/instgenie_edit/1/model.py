@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from instgenie import Engine
 from instgenie.codec import ProcessCodec
+from instgenie.compute_threads import on_passing_thread
 from instgenie.errors import InstGenIEError
 from instgenie.lifetime import exit_with_parent
 from instgenie.scheduler import FcfsScheduler
@@ -30,7 +31,10 @@ class TritonPythonModel:
         # workers, which wait for it: it leaves with the server instead.
         exit_with_parent()
         self.params = ModelParameters.from_args(args)
-        self.engine = Engine.from_pretrained(
+        # Loaded on a thread that exits: the step loop's OpenMP team must be the
+        # stub's only one (see instgenie.compute_threads).
+        self.engine = on_passing_thread(
+            Engine.from_pretrained,
             self.params.model_dir,
             device=self.params.device,
             dtype=self.params.torch_dtype,
