@@ -503,6 +503,9 @@ def notes_for(report: dict) -> list[str]:
             f"on average for instgenie at {low['rate']:.3f} req/s and {high['after_last_step_mean_s']:.2f} s at "
             f"{high['rate']:.3f} req/s; its time to first step went from {fmt(unloaded.get('ttfs_mean_s'))} s unloaded to "
             f"{fmt(high.get('ttfs_mean_s'))} s (mean) / {fmt(high.get('ttfs_p95_s'))} s (P95). Both sides of the step "
-            "loop compete with it for the same two cores."
+            "loop compete with it for the same two cores: the codec process runs at a lower priority (`codec_nice`"
+            + (f" {cfg['codec_nice']}" if cfg.get("codec_nice") is not None else ", 10 by default")
+            + "), so while the loop's two threads keep both cores busy it gets a small share, and preparation and "
+            "finishing wait for it."
         )
     return notes

@@ -41,7 +41,7 @@ import numpy as np
 from instgenie_protocol import parse_samples, sample_sum
 
 sys.path.insert(0, str(Path(__file__).parent))
-import report  # noqa: E402 - the serving benchmarks' report helpers
+import report as pages  # noqa: E402 - the serving benchmarks' report helpers
 import workload as shared  # noqa: E402 - the serving benchmarks' workload, caller and statistics
 from sample_inputs import sample_template  # noqa: E402
 
@@ -175,8 +175,8 @@ def measure(args: argparse.Namespace, policy: str, servers: list[Any], templates
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }  # fmt: skip
     log.info("%-14s %d/%d ok, p50 %s s, p95 %s s, throughput %s/s, busiest instance %.0f%% of the work, other load %.2f cores",
-             policy, run["completed"], run["requests"], report.fmt(run.get("p50_s")), report.fmt(run.get("p95_s")),
-             report.fmt(run.get("throughput"), 3), 100 * max(run["work_share"].values()), other_cores)  # fmt: skip
+             policy, run["completed"], run["requests"], pages.fmt(run.get("p50_s")), pages.fmt(run.get("p95_s")),
+             pages.fmt(run.get("throughput"), 3), 100 * max(run["work_share"].values()), other_cores)  # fmt: skip
     return records, run
 
 
@@ -216,8 +216,8 @@ def markdown(report: dict) -> str:
     for policy in config["policies"]:
         s = summaries[policy]
         lines.append(
-            f"| `{policy}` | {s['completed']}/{s['requests']} | {report.fmt(s.get('p50_s'))} | {report.fmt(s.get('p95_s'))} | "
-            f"{report.fmt(s.get('mean_s'))} | {report.fmt(s.get('throughput'), 3)} | {s['busiest_share']:.0%} | {s['other_cores']:.2f} |"
+            f"| `{policy}` | {s['completed']}/{s['requests']} | {pages.fmt(s.get('p50_s'))} | {pages.fmt(s.get('p95_s'))} | "
+            f"{pages.fmt(s.get('mean_s'))} | {pages.fmt(s.get('throughput'), 3)} | {s['busiest_share']:.0%} | {s['other_cores']:.2f} |"
         )
     lines += ["", "## Ratios", ""]
     head = report.get("headline", {})
@@ -237,8 +237,8 @@ def markdown(report: dict) -> str:
     for run in report["runs"]:
         routed = ", ".join(f"{int(v)}" for _, v in sorted(run["routed"].items()))
         shares = ", ".join(f"{v:.0%}" for _, v in sorted(run["work_share"].items()))
-        lines.append(f"| {run['round']} | `{run['policy']}` | {report.fmt(run.get('p50_s'))} | {report.fmt(run.get('p95_s'))} | "
-                     f"{report.fmt(run.get('throughput'), 3)} | {routed} | {shares} | {run['other_cores']:.2f} |")  # fmt: skip
+        lines.append(f"| {run['round']} | `{run['policy']}` | {pages.fmt(run.get('p50_s'))} | {pages.fmt(run.get('p95_s'))} | "
+                     f"{pages.fmt(run.get('throughput'), 3)} | {routed} | {shares} | {run['other_cores']:.2f} |")  # fmt: skip
     lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -384,13 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         ]
         report["headline"].update(p95_ratio_by_round=by_round, p95_ratio_median=float(np.median(by_round)))
     report["notes"] = notes(report)
+    if args.json:  # the measurements first: nothing after them may lose a run of minutes
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**report, "records": [dataclasses.asdict(r) for r in records]}, indent=1))
     text = markdown(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        report["records"] = [dataclasses.asdict(r) for r in records]
-        Path(args.json).write_text(json.dumps(report, indent=1))
     print(text)
     return 0
 

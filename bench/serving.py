@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redo", help="re-measure runs of the --json report on a fresh server, e.g. baseline@0.209,full@0.377 (disturbed runs)"
     )
     parser.add_argument("--max-active", type=int, default=8)
+    parser.add_argument("--codec-nice", type=int, help="the edit model's codec_nice (default: its config's)")
     parser.add_argument("--max-waiting", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-other-cores", type=float, default=0.5, help="a run beside busier other processes is repeated")
@@ -155,6 +156,8 @@ class Stack:
             "max_active": str(args.max_active),
             "max_waiting": str(args.max_waiting),
         }
+        if args.codec_nice is not None:
+            parameters["codec_nice"] = str(args.codec_nice)
         self.workdir = tempfile.TemporaryDirectory(prefix="instgenie-bench-")
         repository = render_repository(
             source, Path(self.workdir.name) / "models", {name: parameters for name in models_with_parameter(source, "model_dir")}
@@ -271,6 +274,7 @@ def redo(args: argparse.Namespace, raw_argv: list[str]) -> int:
     cfg = report["config"]
     for key in ("model_size", "size", "text_len", "steps", "templates", "requests", "max_active", "max_waiting", "seed"):
         setattr(args, key, cfg[key])
+    args.codec_nice = cfg.get("codec_nice")
     wanted = []
     for item in args.redo.split(","):
         system, _, rate = item.partition("@")
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             "text_len": args.text_len, "steps": args.steps, "templates": args.templates, "requests": args.requests,
             "rates": rates, "rate_origin": origin, "slo_factor": args.slo_factor, "max_active": args.max_active,
             "slo_factors": [float(f) for f in args.slo_factors.split(",")],
-            "max_waiting": args.max_waiting, "seed": args.seed, "argv": raw_argv,
+            "max_waiting": args.max_waiting, "seed": args.seed, "argv": raw_argv, "codec_nice": args.codec_nice,
             "max_other_cores": args.max_other_cores, "repeat_noisy": args.repeat_noisy,
         },
         "environment": {
