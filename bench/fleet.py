@@ -173,7 +173,6 @@ class Fleet:
         for index, view in enumerate(self.views):
             view.scraped_at = mono - (self.now - self._scraped_at[index])
             view.sent_at = {key: mono - (self.now - self._sent_at[key]) for key in view.in_flight}
-            view.registered = {request.template_id}  # every template is on every instance
         cost = RequestCost(float(max(request.tokens, 1) * request.steps), request.template_id, request.steps)
         chosen = self.policy.choose(self.views, cost, STALE_AFTER_S)
         index = self.views.index(chosen)
@@ -290,12 +289,11 @@ def calibrate(model_dir: Path, size: int, text_len: int, steps: int, repeats: in
     import torch
 
     from instgenie import Engine
+    from sample_inputs import sample_template
 
     torch.set_num_threads(1)
     engine = Engine.from_pretrained(str(model_dir), max_sequence_length=text_len)
     rng = np.random.default_rng(0)
-    from sample_inputs import sample_template
-
     record = engine.register_template(shared.png(sample_template(size, seed=3000)), "a room", seed=1, steps=steps)
     tokens, seconds, prepare, finish = [], [], [], []
     for ratio in (0.05, 0.2, 0.4, 0.6, 1.0):
@@ -315,7 +313,7 @@ def calibrate(model_dir: Path, size: int, text_len: int, steps: int, repeats: in
                 finish.append(time.perf_counter() - started)
             finally:
                 engine.release(state)
-    slope, intercept = np.polyfit(np.array(tokens, float) + 0.0, np.array(seconds), 1)
+    slope, intercept = np.polyfit(np.array(tokens, float), np.array(seconds), 1)
     text_tokens = int(engine.family.text_tokens(text_len))
     # The fit is over image tokens; the text tokens' share is the same slope times their count.
     intercept -= slope * text_tokens
