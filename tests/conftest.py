@@ -128,6 +128,9 @@ def triton_server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPath
         # bit: a background recording batched with them would change their rounding. The
         # router tests' instances run the default (second_sight) and test it.
         "auto_register": "off",
+        # The outbox is a GPU server's default and off on a CPU; the serving tests run
+        # through it (the router's and the fault tests' instances run the CPU default).
+        "outbox": "on",
     }
     root = tmp_path_factory.mktemp("triton")
     parameters["cache_dir"] = str(root / "cache")  # the disk tier; servers started from this repository share it

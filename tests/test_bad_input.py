@@ -356,6 +356,24 @@ def test_a_4_channel_unet_and_options_a_family_lacks_are_refused(model_dirs: dic
         _ = ModelParameters.from_strings({"model_dir": "m", "sparse_convs": "maybe"}).family_options
 
 
+def test_serving_thread_parameters_default_by_device_and_refuse_nonsense() -> None:
+    from instgenie_server.config import ModelParameters
+
+    def params(**raw: str) -> ModelParameters:
+        return ModelParameters.from_strings({"model_dir": "m", **raw})
+
+    # A CPU: the loop and the codec take turns; no outbox thread. A GPU: the opposite.
+    assert (params().helper_turn_s, params().use_outbox) == (1.0, False)
+    assert (params(device="cuda").helper_turn_s, params(device="cuda").use_outbox) == (0.0, True)
+    assert params(yield_to_helpers_s="0.25").helper_turn_s == 0.25
+    assert params(outbox="on").use_outbox is True and params(device="cuda", outbox="off").use_outbox is False
+    for raw, match in (({"yield_to_helpers_s": "soon"}, "auto or seconds"), ({"yield_to_helpers_s": "-1"}, ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            _ = params(**raw).helper_turn_s
+    with pytest.raises(ValueError, match="outbox must be auto, on or off"):
+        _ = params(outbox="sometimes").use_outbox
+
+
 @pytest.mark.parametrize("content", ["{not json", "{}", "[]", "null", '"FluxFillPipeline"'])
 def test_model_index_without_a_pipeline_class_is_unsupported_model(
     model_dirs: dict[str, Path], tmp_path: Path, content: str

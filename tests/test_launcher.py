@@ -125,6 +125,12 @@ def group_is_gone(pgid: int) -> bool:
     )
 
 
+def group_members(pgid: int) -> list[int]:
+    table = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True, check=True).stdout
+    rows = (row.split() for row in table.splitlines())
+    return [int(pid) for pid, pg, stat in rows if int(pg) == pgid and not stat.startswith("Z")]
+
+
 def shm_regions(server: TritonServer) -> list[Path]:
     return list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
 
@@ -192,6 +198,16 @@ def test_server_environment_puts_this_interpreter_first() -> None:
     libs = env["LD_LIBRARY_PATH"].split(":")
     assert libs[0].endswith("nvidia_pytriton.libs") and Path(libs[0]).is_dir()
     assert libs[1:] == [sysconfig.get_config_var("LIBDIR"), "/opt/lib"]
+
+
+def test_server_environment_keeps_freed_memory_for_the_next_step_unless_told_otherwise() -> None:
+    # The stubs' models run on threads whose glibc arenas otherwise give every step's
+    # activations back to the system and fault them in again (docs/benchmarks/serving.md).
+    assert server_environment({"PATH": "/usr/bin"})["GLIBC_TUNABLES"] == triton_install.STUB_MALLOC_TUNABLES
+    assert "glibc.malloc.trim_threshold=" in triton_install.STUB_MALLOC_TUNABLES
+    assert "glibc.malloc.mmap_threshold=" in triton_install.STUB_MALLOC_TUNABLES
+    mine = "glibc.malloc.arena_max=2"
+    assert server_environment({"PATH": "/usr/bin", "GLIBC_TUNABLES": mine})["GLIBC_TUNABLES"] == mine
 
 
 def test_free_port_is_bindable() -> None:
@@ -279,6 +295,13 @@ def test_server_serves_and_stops_cleanly(triton_repository: Path, tmp_path: Path
         assert shm_regions(server)  # the prefix really names this server's regions
         pgid = server.pid
         assert pgid is not None and not group_is_gone(pgid)  # the check below can see the group
+        # The stubs inherit the allocator settings. (ld.so parses GLIBC_TUNABLES in place
+        # on the initial stack, which /proc shows cut at the first separator.)
+        first = f"GLIBC_TUNABLES={triton_install.STUB_MALLOC_TUNABLES.split(':')[0]}".encode()
+        stubs = [pid for pid in group_members(pgid) if pid != pgid]
+        assert stubs and all(
+            any(entry.startswith(first) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")) for pid in stubs
+        )
     assert server._process is not None and server._process.returncode == 0  # Triton's own clean exit
     assert (marks / "finalized").exists()  # SIGTERM to the server alone: models unloaded
     assert group_is_gone(pgid)

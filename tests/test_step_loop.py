@@ -387,3 +387,63 @@ def test_a_finished_request_reports_the_seconds_of_each_phase(flux: Engine, temp
     assert 0 < sum(timeline.values()) <= elapsed and timeline["steps"] > 0
     assert list(untouched.outcome.timeline) == ["prepare", "finish"]  # never stepped
     assert observer.timelines == [timeline, untouched.outcome.timeline]
+
+
+class StepWindows(LoopObserver):
+    """When each step ran (start, end), from the loop's own step durations."""
+
+    def __init__(self) -> None:
+        self.windows: list[tuple[float, float]] = []
+
+    def step(self, duration_s: float, batch_size: int, row_tokens: int) -> None:
+        end = time.monotonic()
+        self.windows.append((end - duration_s, end))
+
+
+@pytest.mark.parametrize("turn_s", [5.0, 0.0, 0.1])
+def test_the_loop_takes_turns_with_a_busy_helper_for_at_most_its_bound(
+    flux: Engine, template_id: str, monkeypatch: pytest.MonkeyPatch, turn_s: float
+) -> None:
+    # A finish (VAE decode) that takes 0.4 s while another request still steps. Taking
+    # turns: no step starts until it ends; never: steps go on beside it; a 0.1 s bound:
+    # the loop waits that long and then steps on.
+    render, renders = flux.codec.render, []
+
+    def slow_render(*args, **kwargs):
+        started = time.monotonic()
+        time.sleep(0.4)
+        try:
+            return render(*args, **kwargs)
+        finally:
+            renders.append((started, time.monotonic()))
+
+    monkeypatch.setattr(flux.codec, "render", slow_render)
+    long_template = flux.register_template(png(template_image(11)), "a room", seed=3, steps=16).template_id
+    observer = StepWindows()
+    loop = StepLoop(flux, observer=observer, yield_to_helpers_s=turn_s)
+    try:
+        first, second = Recorder(), Recorder()
+        loop.submit(edit("short", template_id, 0.2), first)
+        deadline = time.monotonic() + 60
+        while not first.steps and time.monotonic() < deadline:
+            time.sleep(0.005)
+        loop.submit(edit("long", long_template, 0.2), second)
+        first.wait(), second.wait()
+    finally:
+        loop.stop()
+    assert first.outcome is not None and second.outcome is not None
+    render_start, render_end = renders[0]  # the short edit's finish, while the long one steps
+    assert render_start < second.steps[-1][0]  # the long edit had steps left
+    started_during = [start for start, _ in observer.windows if render_start < start < render_end]
+    if turn_s == 5.0:
+        assert started_during == [] and render_end < second.steps[-1][0]
+    elif turn_s == 0.0:
+        assert len(started_during) >= 2
+    else:
+        assert started_during and min(started_during) - render_start < turn_s + 0.3  # 0.3 s: one step on a slow machine
+        assert min(started_during) - render_start >= turn_s - 0.01
+
+
+def test_yield_to_helpers_must_not_be_negative(flux: Engine) -> None:
+    with pytest.raises(ValueError, match="yield_to_helpers_s"):
+        StepLoop(flux, yield_to_helpers_s=-1)

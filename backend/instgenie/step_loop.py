@@ -179,9 +179,12 @@ class StepLoop:
         observer: LoopObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         auto_register: AutoRegistrar | None = None,
+        yield_to_helpers_s: float = 0.0,
     ) -> None:
         if max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
+        if yield_to_helpers_s < 0:
+            raise ValueError("yield_to_helpers_s must be >= 0")
         self.engine = engine
         self.scheduler: Scheduler = scheduler or FcfsScheduler()
         self.max_waiting = max_waiting
@@ -192,6 +195,9 @@ class StepLoop:
         self._queues = _Queues()
         self._active: list[_Job] = []  # owned by the loop thread
         self._steps_done = 0  # loop steps so far
+        self.yield_to_helpers_s = yield_to_helpers_s
+        self._helpers_busy = 0  # worker jobs handed over and not done
+        self._helper_jobs_done = 0
         self._cond = threading.Condition()
         self._closing = False  # no new requests
         self._stopping = False  # the loop thread exits
@@ -220,7 +226,7 @@ class StepLoop:
         if error is not None:
             return error
         self._publish_load()
-        self._pool.submit(self._guarded, job, self._prepare)
+        self._to_helper(job, self._prepare)
         return None
 
     def _notify_refusal(self, request: EditRequest, sink: JobSink, error: InstGenIEError) -> None:
@@ -275,6 +281,17 @@ class StepLoop:
         else:
             single_threaded_helper()
 
+    def _to_helper(self, job: _Job, work: Callable[[_Job], None]) -> None:
+        # Busy from now, not from when a worker picks it up: the loop decides whether to
+        # give a turn right after handing over a finish.
+        with self._cond:
+            self._helpers_busy += 1
+        try:
+            self._pool.submit(self._guarded, job, work)
+        except RuntimeError:  # the pool is shut down (stop): the job is failed with the rest
+            with self._cond:
+                self._helpers_busy -= 1
+
     def _guarded(self, job: _Job, work: Callable[[_Job], None]) -> None:
         try:
             if job.sink.cancelled():
@@ -285,6 +302,11 @@ class StepLoop:
         except Exception as error:  # a bug must fail one request, not the worker
             log.exception("request %s failed", job.request.request_id)
             self._fail(job, InternalError(f"{type(error).__name__}: {error}"))
+        finally:
+            with self._cond:
+                self._helpers_busy -= 1
+                self._helper_jobs_done += 1
+                self._cond.notify_all()
 
     def _prepare(self, job: _Job) -> None:
         request, engine = job.request, self.engine
@@ -494,6 +516,29 @@ class StepLoop:
             self._active.extend(joining)
             if self._active:
                 self._step()
+                self._yield_to_helpers()
+
+    def _yield_to_helpers(self) -> None:
+        """Between two steps, wait (at most ``yield_to_helpers_s``) for one busy worker
+        job to end.
+
+        On a CPU the loop's threads and the codec's share the cores: a codec at lower
+        priority gets almost nothing while the loop steps back to back, so under load
+        finished requests wait seconds for their decode and prepared ones for their
+        encode; at equal priority the two OpenMP teams oversubscribe the cores and both
+        crawl. Taking turns (a step, then one worker job) keeps both moving at full
+        speed. An idle loop has no turn to give: unloaded requests never wait here.
+        """
+        if not self.yield_to_helpers_s or not self._active:
+            return
+        deadline = self._clock() + self.yield_to_helpers_s
+        with self._cond:
+            done = self._helper_jobs_done
+            while self._helpers_busy and self._helper_jobs_done == done and not self._stopping:
+                left = deadline - self._clock()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def _drop_cancelled(self, waiting: list[_Job]) -> None:
         for job in [*waiting, *self._active]:
@@ -552,7 +597,7 @@ class StepLoop:
             if state.done:
                 job.marks["steps"] = now
                 job.phase = _Phase.FINISHING
-                self._pool.submit(self._guarded, job, self._finish)
+                self._to_helper(job, self._finish)
             else:
                 still.append(job)
         self._active = still

@@ -36,6 +36,13 @@ class ModelParameters:
     workers: int = 4  # pre/post-processing threads (they mostly wait on the codec processes)
     codec_workers: int = 1  # processes for prompt encoding and VAE work; 0 = in the model's process
     codec_nice: int = 10  # their CPU priority offset
+    # After a step, wait up to this long for one busy helper job (prepare/finish) to end:
+    # on a CPU the loop and the codec share the cores. "auto": 1 s on a CPU, 0 (never) on a GPU.
+    yield_to_helpers_s: str = "auto"
+    # Responses, step metrics and cancellation queries from one thread of their own
+    # (instgenie_server.outbox): "auto" = on a GPU; on a few-core CPU a third busy thread
+    # preempts the loop's OpenMP team and costs more than the round trips it moves.
+    outbox: str = "auto"
     cache_budget_bytes: int = 0  # template K/V kept in host memory; 0 = unbounded
     cache_dir: str = ""  # disk tier (every recorded template, survives restarts); empty = host memory only
     cache_mode: str = "float32"  # float32 | bfloat16, optionally ",unmasked" and ",input" (see instgenie.cache.CacheMode)
@@ -85,6 +92,29 @@ class ModelParameters:
     def auto_register_config(self) -> AutoRegisterConfig:
         """The step loop's auto-registration (:mod:`instgenie.auto_register`); raises ``ValueError``."""
         return AutoRegisterConfig(policy=self.auto_register, max_templates=self.auto_register_max)
+
+    @property
+    def helper_turn_s(self) -> float:
+        """The step loop's ``yield_to_helpers_s`` (see :class:`~instgenie.step_loop.StepLoop`)."""
+        text = self.yield_to_helpers_s.strip().lower()
+        if text in ("", "auto"):
+            return 1.0 if torch.device(self.device).type == "cpu" else 0.0
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError(f"parameter yield_to_helpers_s must be auto or seconds, got {self.yield_to_helpers_s!r}") from None
+        if seconds < 0:
+            raise ValueError(f"parameter yield_to_helpers_s must be >= 0, got {seconds}")
+        return seconds
+
+    @property
+    def use_outbox(self) -> bool:
+        switch = self.outbox.strip().lower()
+        if switch in ("", "auto"):
+            return torch.device(self.device).type != "cpu"
+        if switch not in _SWITCHES:
+            raise ValueError(f"parameter outbox must be auto, on or off, got {self.outbox!r}")
+        return _SWITCHES[switch]
 
     @property
     def torch_dtype(self) -> torch.dtype:

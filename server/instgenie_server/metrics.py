@@ -16,6 +16,8 @@ from instgenie.step_loop import PHASES, LoopLoad, LoopObserver
 from instgenie.token_grid import StepCost
 from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, STEP_COST_DENSE_METRIC, STEP_COST_WEIGHT_METRIC
 
+from .outbox import Outbox
+
 log = logging.getLogger(__name__)
 
 # python_backend 24.10's metrics are not thread-safe: ``Metric.increment``/``observe``
@@ -30,26 +32,45 @@ _METRIC_LOCK = threading.Lock()
 
 
 class LockedMetric:
-    """A pb_utils ``Metric`` whose calls hold :data:`_METRIC_LOCK`."""
+    """A pb_utils ``Metric`` whose calls hold :data:`_METRIC_LOCK`.
 
-    def __init__(self, family: Any, labels: dict[str, str], buckets: list[float] | None = None) -> None:
+    With an :class:`~instgenie_server.outbox.Outbox` the updates are posted to it
+    instead of made on the caller's thread (the step loop's), and a gauge set to the
+    value it was last set to costs nothing.
+    """
+
+    def __init__(
+        self, family: Any, labels: dict[str, str], buckets: list[float] | None = None, outbox: Outbox | None = None
+    ) -> None:
         with _METRIC_LOCK:
             if buckets is None:
                 self._metric = family.Metric(labels=labels)
             else:
                 self._metric = family.Metric(labels=labels, buckets=buckets)
+        self._outbox = outbox
+        self._last_set: float | None = None
 
     def set(self, value: float) -> None:
-        with _METRIC_LOCK:
-            self._metric.set(value)
+        if value == self._last_set:
+            return
+        self._last_set = value
+        self._call("set", value)
 
     def increment(self, value: float) -> None:
-        with _METRIC_LOCK:
-            self._metric.increment(value)
+        self._call("increment", value)
 
     def observe(self, value: float) -> None:
+        self._call("observe", value)
+
+    def _call(self, method: str, value: float) -> None:
+        if self._outbox is None:
+            self._update(method, value)
+        else:
+            self._outbox.post(self._update, method, value)
+
+    def _update(self, method: str, value: float) -> None:
         with _METRIC_LOCK:
-            self._metric.observe(value)
+            getattr(self._metric, method)(value)
 
 
 def metric_family(pb_utils: Any, name: str, description: str, kind: Any) -> Any:
@@ -83,9 +104,11 @@ class TritonLoopMetrics(LoopObserver):
         pixels_per_token: int | None = None,
         restarts: int = 0,
         step_cost: StepCost | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self._pb = pb_utils
         self._labels = dict(labels)
+        self._outbox = outbox  # updates leave the reporting thread (the step loop's) through it
         self._families: list[Any] = []  # a Metric dies with its MetricFamily: keep them alive
         kinds = pb_utils.MetricFamily
         self._gauges = {
@@ -104,7 +127,7 @@ class TritonLoopMetrics(LoopObserver):
             self._pb.MetricFamily.HISTOGRAM,
         )
         self._phase_seconds = {
-            phase: LockedMetric(phases, {**self._labels, "phase": phase}, REQUEST_BUCKETS_S) for phase in PHASES
+            phase: self._locked(phases, {**self._labels, "phase": phase}, REQUEST_BUCKETS_S) for phase in PHASES
         }
         self._join_wait_steps = self._histogram(
             "instgenie_join_wait_steps",
@@ -130,7 +153,7 @@ class TritonLoopMetrics(LoopObserver):
             weights = self._family(
                 STEP_COST_WEIGHT_METRIC, "Token-equivalents per computed token of the mask pooled to each depth", kinds.GAUGE
             )
-            self._step_cost_weights = [LockedMetric(weights, {**self._labels, "depth": str(d)}) for d, _ in step_cost.levels]
+            self._step_cost_weights = [self._locked(weights, {**self._labels, "depth": str(d)}) for d, _ in step_cost.levels]
             for metric, (_, weight) in zip(self._step_cost_weights, step_cost.levels):
                 metric.set(weight)
         self._row_tokens = self._metric(
@@ -146,13 +169,13 @@ class TritonLoopMetrics(LoopObserver):
         lookups = self._family(
             "instgenie_template_cache_lookups_total", "Template cache lookups by result (hit, miss)", kinds.COUNTER
         )
-        self._lookups = {result: LockedMetric(lookups, {**self._labels, "result": result}) for result in ("hit", "miss")}
+        self._lookups = {result: self._locked(lookups, {**self._labels, "result": result}) for result in ("hit", "miss")}
         raw = self._family(
             "instgenie_raw_image_lookups_total",
             "Edits of a raw image (no template id) by whether they found the template it became (hit, miss)",
             kinds.COUNTER,
         )
-        self._raw_lookups = {result: LockedMetric(raw, {**self._labels, "result": result}) for result in ("hit", "miss")}
+        self._raw_lookups = {result: self._locked(raw, {**self._labels, "result": result}) for result in ("hit", "miss")}
         self._auto_registrations = self._metric(
             "instgenie_auto_registrations_total", "Raw images recorded as templates (auto_register)", kinds.COUNTER
         )
@@ -173,11 +196,14 @@ class TritonLoopMetrics(LoopObserver):
         self._families.append(family)
         return family
 
+    def _locked(self, family: Any, labels: dict[str, str], buckets: list[float] | None = None) -> LockedMetric:
+        return LockedMetric(family, labels, buckets, self._outbox)
+
     def _metric(self, name: str, description: str, kind: Any) -> LockedMetric:
-        return LockedMetric(self._family(name, description, kind), self._labels)
+        return self._locked(self._family(name, description, kind), self._labels)
 
     def _histogram(self, name: str, description: str, buckets: list[float]) -> LockedMetric:
-        return LockedMetric(self._family(name, description, self._pb.MetricFamily.HISTOGRAM), self._labels, buckets)
+        return self._locked(self._family(name, description, self._pb.MetricFamily.HISTOGRAM), self._labels, buckets)
 
     # -- LoopObserver ---------------------------------------------------------------
     def load(self, load: LoopLoad) -> None:
@@ -211,7 +237,7 @@ class TritonLoopMetrics(LoopObserver):
         with self._errors_lock:
             counter = self._errors.get(reason)
             if counter is None:
-                counter = self._errors[reason] = LockedMetric(self._errors_family, {**self._labels, "reason": reason})
+                counter = self._errors[reason] = self._locked(self._errors_family, {**self._labels, "reason": reason})
         counter.increment(1)
 
     def template_lookup(self, hit: bool) -> None:

@@ -12,6 +12,7 @@ from instgenie.errors import InstGenIEError
 from instgenie.step_loop import JobOutcome
 from instgenie_protocol import error_code, error_message
 
+from .outbox import Outbox
 from .tensors import outcome_outputs, progress_outputs
 
 log = logging.getLogger(__name__)
@@ -36,41 +37,75 @@ _SENDER_LOCK = threading.Lock()
 
 
 class TritonJobSink:
-    """Progress responses (when asked for) and exactly one final response per request."""
+    """Progress responses (when asked for) and exactly one final response per request.
 
-    def __init__(self, pb_utils: Any, request: Any, request_id: str, *, progress: bool, base64_output: bool) -> None:
+    With an :class:`~instgenie_server.outbox.Outbox` every message to the server goes
+    through it, so the step loop never waits on a round trip: responses are sent in the
+    order posted, and ``cancelled()`` answers from the last reply of a query it posts
+    (a cancellation is seen one step later, never missed).
+    """
+
+    def __init__(
+        self, pb_utils: Any, request: Any, request_id: str, *, progress: bool, base64_output: bool, outbox: Outbox | None = None
+    ) -> None:
         self._pb = pb_utils
         self._request = request  # keeps the request alive until it is answered
         self._sender = request.get_response_sender()
         self.request_id = request_id
         self._progress = progress
         self._base64_output = base64_output
+        self._outbox = outbox
         # The server deletes the response factory when it sends the final response
         # (python_backend ResponseSendDecoupled); is_cancelled() asks about that factory,
         # so nothing touches the sender once the final response is out.
         self._closed = False
+        self._cancelled = False
+        self._asking = False  # a cancellation query is in the outbox
 
     def cancelled(self) -> bool:
-        with _SENDER_LOCK:
-            return not self._closed and bool(self._sender.is_cancelled())
+        if self._outbox is None:
+            return self._ask_cancelled()
+        if not self._asking and not self._cancelled:
+            self._asking = True
+            self._outbox.post(self._refresh_cancelled)
+        return self._cancelled
 
     def progress(self, step: int, total_steps: int) -> None:
         if self._progress:
-            self._send(response(self._pb, progress_outputs(self.request_id, step, total_steps)))
+            self._post(self._send_outputs, progress_outputs(self.request_id, step, total_steps), 0)
 
     def finish(self, outcome: JobOutcome) -> None:
-        final = response(self._pb, outcome_outputs(outcome, self._base64_output))
-        self._send(final, flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._post(self._send_outputs, outcome_outputs(outcome, self._base64_output), self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def send_outputs(self, outputs: dict[str, np.ndarray]) -> None:
         """A final response outside the step loop (e.g. the template list)."""
-        self._send(response(self._pb, outputs), flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._post(self._send_outputs, outputs, self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def fail(self, error: InstGenIEError) -> None:
-        self._send(
-            self._pb.InferenceResponse(error=triton_error(self._pb, self.request_id, error)),
-            flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-        )
+        self._post(self._send_error, error)
+
+    def _post(self, call: Any, *args: Any) -> None:
+        if self._outbox is None:
+            call(*args)
+        else:
+            self._outbox.post(call, *args)
+
+    def _ask_cancelled(self) -> bool:
+        with _SENDER_LOCK:
+            return not self._closed and bool(self._sender.is_cancelled())
+
+    def _refresh_cancelled(self) -> None:
+        try:
+            self._cancelled = self._cancelled or self._ask_cancelled()
+        finally:
+            self._asking = False
+
+    def _send_outputs(self, outputs: dict[str, np.ndarray], flags: int) -> None:
+        self._send(response(self._pb, outputs), flags)
+
+    def _send_error(self, error: InstGenIEError) -> None:
+        message = self._pb.InferenceResponse(error=triton_error(self._pb, self.request_id, error))
+        self._send(message, self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _send(self, message: Any, flags: int = 0) -> None:
         with _SENDER_LOCK:

@@ -116,7 +116,18 @@ def server_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
         env["LD_LIBRARY_PATH"] = _join_path(library_dirs, env.get("LD_LIBRARY_PATH", ""))
     # dirname of sys.executable, not its resolved target: the venv's bin, not the base Python's.
     env["PATH"] = _join_path([os.path.dirname(sys.executable)], env.get("PATH", ""))
+    env.setdefault("GLIBC_TUNABLES", STUB_MALLOC_TUNABLES)
     return env
+
+
+#: glibc malloc settings of the server and its stubs (unless ``GLIBC_TUNABLES`` is set).
+#: The models compute on threads other than the stub's main one, so in glibc arenas
+#: that give freed memory back to the system (heap trimming, a dynamic mmap threshold):
+#: every denoising step faulted its activations in again, ~240k page faults and 15% of
+#: a 512x512 flux-fill edit on CPU, against ~3k with these (docs/benchmarks/serving.md).
+#: Memory a step frees stays with the process for the next one; blocks over 32 MiB
+#: (the largest threshold glibc allows) are still mapped per allocation.
+STUB_MALLOC_TUNABLES = "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
 
 
 def _join_path(front: Sequence[str], existing: str) -> str:

@@ -18,6 +18,7 @@ from instgenie_protocol import parse_request
 from instgenie_server.config import ModelParameters
 from instgenie_server.leftovers import SHM_PREFIX_VARIABLE
 from instgenie_server.metrics import CacheMetrics, GpuMetrics, TritonLoopMetrics
+from instgenie_server.outbox import Outbox
 from instgenie_server.responses import TritonJobSink
 from instgenie_server.supervisor import RESTARTS_VARIABLE
 from instgenie_server.tensors import template_list_outputs
@@ -56,6 +57,8 @@ class TritonPythonModel:
                     semaphore_prefix=os.environ.get(SHM_PREFIX_VARIABLE),
                 )
             )
+        # Responses, the loop's metrics and cancellation queries: off the loop's thread (GPU).
+        self.outbox = Outbox() if self.params.use_outbox else None
         labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
         self.metrics = TritonLoopMetrics(
             pb_utils,
@@ -64,6 +67,7 @@ class TritonPythonModel:
             pixels_per_token=self.engine.family.pixels_per_token,
             restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
             step_cost=self.engine.family.step_cost,
+            outbox=self.outbox,
         )
         self.cache_metrics = CacheMetrics(pb_utils, labels, self.engine.store)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
@@ -73,6 +77,7 @@ class TritonPythonModel:
             max_waiting=self.params.max_waiting,
             workers=self.params.workers,
             observer=self.metrics,
+            yield_to_helpers_s=self.params.helper_turn_s,
             auto_register=AutoRegistrar(self.params.auto_register_config),
         )
 
@@ -82,19 +87,23 @@ class TritonPythonModel:
             sink = None
             try:
                 parsed = parse_request(lambda name: _input(request, name), request_id)
-                sink = TritonJobSink(pb_utils, request, request_id, progress=parsed.progress, base64_output=parsed.base64_output)
+                sink = TritonJobSink(
+                    pb_utils, request, request_id, progress=parsed.progress, base64_output=parsed.base64_output, outbox=self.outbox
+                )
                 if parsed.action == "list":
                     sink.send_outputs(template_list_outputs(request_id, self.engine.template_ids()))
                 else:
                     self.loop.submit(parsed.request, sink)
             except InstGenIEError as error:
                 self.metrics.failed(error.reason)
-                sender = sink or TritonJobSink(pb_utils, request, request_id, progress=False, base64_output=False)
+                sender = sink or TritonJobSink(pb_utils, request, request_id, progress=False, base64_output=False, outbox=self.outbox)
                 sender.fail(error)
         return None
 
     def finalize(self):
         self.loop.stop(drain_timeout_s=self.params.drain_timeout_s)
+        if self.outbox is not None:
+            self.outbox.close(timeout_s=10.0)
         self.engine.codec.close()
         self.engine.store.close()
         self.cache_metrics.close()
