@@ -279,8 +279,9 @@ def write_markdown(report: dict, path: Path, png_path: Path) -> str:
         f"`max_sequence_length={cfg['text_len']}`, {cfg['steps']} denoising steps, fp32 on CPU.",
         f"- Machine: {env['cpus']} CPU cores ({env['machine']}), torch {env['torch']}, Python {env['python']}; "
         f"load average before / after: {env['load_before']} / {env['load_after']}. The bench client runs on the same cores. "
-        f"Code: {env.get('git', 'unknown')} (`instgenie_edit` config defaults otherwise, e.g. its codec process for "
-        "prompt/VAE work).",
+        f"Code: {env.get('git', 'unknown')} ("
+        + "".join(f"`{item}`, " for item in cfg.get("parameters", []))
+        + "`instgenie_edit` config defaults otherwise, e.g. its codec process for prompt/VAE work).",
         f"- `instgenie_edit`: `max_active={cfg['max_active']}`, `max_waiting={cfg['max_waiting']}` (never full here). "
         "`diffusers_baseline`: Triton dynamic batcher, `max_batch_size` 8, one instance.",
         "- Systems: **baseline** = `diffusers_baseline` (template IMAGE + mask, the template's SEED and STEPS); "

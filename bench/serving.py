@@ -107,6 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-active", type=int, default=8)
     parser.add_argument("--codec-nice", type=int, help="the edit model's codec_nice (default: its config's)")
+    parser.add_argument(
+        "--parameter", action="append", default=[], metavar="KEY=VALUE",
+        help="another config.pbtxt parameter of the served models (repeatable), e.g. outbox=on",
+    )  # fmt: skip
     parser.add_argument("--max-waiting", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-other-cores", type=float, default=0.5, help="a run beside busier other processes is repeated")
@@ -135,6 +139,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def parse_parameters(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings (``--parameter``) as model parameters."""
+    parameters = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--parameter {item!r}: expected KEY=VALUE")
+        parameters[key] = value
+    return parameters
+
+
 class Stack:
     """One tritonserver with the three systems, the templates registered, and a :class:`Caller`."""
 
@@ -158,6 +173,7 @@ class Stack:
         }
         if args.codec_nice is not None:
             parameters["codec_nice"] = str(args.codec_nice)
+        parameters.update(parse_parameters(args.parameter))
         self.workdir = tempfile.TemporaryDirectory(prefix="instgenie-bench-")
         repository = render_repository(
             source, Path(self.workdir.name) / "models", {name: parameters for name in models_with_parameter(source, "model_dir")}
@@ -275,6 +291,7 @@ def redo(args: argparse.Namespace, raw_argv: list[str]) -> int:
     for key in ("model_size", "size", "text_len", "steps", "templates", "requests", "max_active", "max_waiting", "seed"):
         setattr(args, key, cfg[key])
     args.codec_nice = cfg.get("codec_nice")
+    args.parameter = cfg.get("parameters", [])
     wanted = []
     for item in args.redo.split(","):
         system, _, rate = item.partition("@")
@@ -386,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             "rates": rates, "rate_origin": origin, "slo_factor": args.slo_factor, "max_active": args.max_active,
             "slo_factors": [float(f) for f in args.slo_factors.split(",")],
             "max_waiting": args.max_waiting, "seed": args.seed, "argv": raw_argv, "codec_nice": args.codec_nice,
+            "parameters": args.parameter,
             "max_other_cores": args.max_other_cores, "repeat_noisy": args.repeat_noisy,
         },
         "environment": {
