@@ -503,10 +503,10 @@ def notes_for(report: dict) -> list[str]:
             f"Work after the last denoising step (VAE decode, paste, PNG, response) took {low['after_last_step_mean_s']:.2f} s "
             f"on average for instgenie at {low['rate']:.3f} req/s and {high['after_last_step_mean_s']:.2f} s at "
             f"{high['rate']:.3f} req/s; its time to first step went from {fmt(unloaded.get('ttfs_mean_s'))} s unloaded to "
-            f"{fmt(high.get('ttfs_mean_s'))} s (mean) / {fmt(high.get('ttfs_p95_s'))} s (P95). Both sides of the step "
-            "loop compete with it for the same two cores: the codec process runs at a lower priority (`codec_nice`"
+            f"{fmt(high.get('ttfs_mean_s'))} s (mean) / {fmt(high.get('ttfs_p95_s'))} s (P95). That work shares the "
+            "two cores with the step loop: the codec process runs at a lower priority (`codec_nice`"
             + (f" {cfg['codec_nice']}" if cfg.get("codec_nice") is not None else ", 10 by default")
-            + "), so while the loop's two threads keep both cores busy it gets a small share, and preparation and "
-            "finishing wait for it."
+            + "), and after each step the loop waits for one pending prepare/finish job (`yield_to_helpers_s`, at most "
+            "1 s on a CPU), so the two take turns instead of the codec waiting for the loop to go idle."
         )
     return notes
