@@ -94,11 +94,16 @@ class ModelParameters:
         return AutoRegisterConfig(policy=self.auto_register, max_templates=self.auto_register_max)
 
     @property
+    def _on_cpu(self) -> bool:
+        """Serving threads share the cores with the compute (the two ``auto`` defaults below)."""
+        return torch.device(self.device).type == "cpu"
+
+    @property
     def helper_turn_s(self) -> float:
         """The step loop's ``yield_to_helpers_s`` (see :class:`~instgenie.step_loop.StepLoop`)."""
         text = self.yield_to_helpers_s.strip().lower()
         if text in ("", "auto"):
-            return 1.0 if torch.device(self.device).type == "cpu" else 0.0
+            return 1.0 if self._on_cpu else 0.0
         try:
             seconds = float(text)
         except ValueError:
@@ -111,7 +116,7 @@ class ModelParameters:
     def use_outbox(self) -> bool:
         switch = self.outbox.strip().lower()
         if switch in ("", "auto"):
-            return torch.device(self.device).type != "cpu"
+            return not self._on_cpu
         if switch not in _SWITCHES:
             raise ValueError(f"parameter outbox must be auto, on or off, got {self.outbox!r}")
         return _SWITCHES[switch]
