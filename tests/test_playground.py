@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import SIZE, png, template_image
+from instgenie.settings import EngineLimits
 from instgenie_router.service import Router, RouterConfig
 from serving_calls import metric, metrics, register
 from test_router import _instance_server, _specs
@@ -116,10 +117,10 @@ def _set(driver: WebDriver, **fields: object) -> None:
         element.send_keys(str(value))
 
 
-def _paint(driver: WebDriver) -> None:
-    """Drag the mouse along STROKE on the canvas (its CSS size scales the image's pixels)."""
+def _paint(driver: WebDriver, size: int = SIZE) -> None:
+    """Drag the mouse along STROKE on the canvas of a ``size``-pixel image (its CSS size scales the image's pixels)."""
     overlay = driver.find_element(By.ID, "overlay")
-    scale = overlay.rect["width"] / SIZE
+    scale = overlay.rect["width"] / size
 
     def offset(x: float, y: float) -> tuple[int, int]:  # from the element's centre, as Selenium wants
         return round(x * scale - overlay.rect["width"] / 2), round(y * scale - overlay.rect["height"] / 2)
@@ -217,12 +218,16 @@ def test_an_uploaded_image_is_painted_edited_and_streamed_step_by_step(page: Web
 
 
 def test_cancel_stops_the_edit_on_the_instance(page: WebDriver, router: Router, instance, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # The longest edit the instance takes (16x the tokens of SIZE, the most steps), so that a
+    # fast CPU cannot finish it between the first step and the cancel's trip through the
+    # browser, the router and the stub (40 steps at SIZE once did, on CI).
+    size, steps = 4 * SIZE, EngineLimits.max_steps
     path = tmp_path / "source.png"
-    path.write_bytes(png(template_image(83)))
+    path.write_bytes(png(template_image(83, size)))
     page.find_element(By.ID, "upload").send_keys(str(path))
-    _until(page, lambda: page.find_element(By.ID, "canvas").get_property("width") == SIZE, "the upload is drawn", 10)
-    _paint(page)
-    _set(page, prompt="a clock", steps=40)
+    _until(page, lambda: page.find_element(By.ID, "canvas").get_property("width") == size, "the upload is drawn", 10)
+    _paint(page, size)
+    _set(page, prompt="a clock", steps=steps)
     before = metric(metrics(instance.metrics_url), "instgenie_cancellations_total")
     page.find_element(By.ID, "submit").click()
 
@@ -235,7 +240,7 @@ def test_cancel_stops_the_edit_on_the_instance(page: WebDriver, router: Router, 
     assert page.find_element(By.ID, "cancel").is_enabled()
     page.find_element(By.ID, "cancel").click()
     _until(page, lambda: _status(page) == "cancelled", "the page says cancelled", 10)
-    assert _progress(page)[0] < 40 and not page.find_element(By.ID, "result").get_attribute("src")
+    assert _progress(page)[0] < steps and not page.find_element(By.ID, "result").get_attribute("src")
 
     def finished() -> bool:
         text = metrics(instance.metrics_url)
