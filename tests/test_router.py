@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import TEXT_LEN, png, rect_mask, template_image
 from instgenie.masking import token_indices
+from instgenie.settings import EngineLimits
 from instgenie.token_grid import StepCost, token_mask
 from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, parse_samples
 from instgenie_client import InstGenIEClient
@@ -408,7 +409,8 @@ def test_a_killed_instance_loses_no_edit_and_rejoins_after_restart(model_dirs, i
 
 def test_cancelling_through_the_router_frees_the_slot_on_the_instance(router: Router, instances) -> None:  # type: ignore[no-untyped-def]
     client = InstGenIEClient(f"127.0.0.1:{router.grpc_port}", timeout_s=120)
-    template_id = client.register_template(png(template_image(34)), "a wall", seed=3, steps=40)
+    # the most steps a request may ask, so that a fast CPU cannot finish before the cancel lands
+    template_id = client.register_template(png(template_image(34)), "a wall", seed=3, steps=EngineLimits.max_steps)
     before = sum(metric(metrics(s.metrics_url), "instgenie_cancellations_total") for s in instances)
     job = client.submit(png(rect_mask(0.5, seed=34)), "a door", template_id=template_id)
     assert next(iter(job.progress)).step >= 1  # it is stepping on an instance
