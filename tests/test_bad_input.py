@@ -372,6 +372,12 @@ def test_serving_thread_parameters_default_by_device_and_refuse_nonsense() -> No
             _ = params(**raw).helper_turn_s
     with pytest.raises(ValueError, match="outbox must be auto, on or off"):
         _ = params(outbox="sometimes").use_outbox
+    # Round trips to the server: metric batches every 0.2 s, a cancellation query per 0.1 s.
+    assert (params().metrics_flush_s, params().cancel_poll_s) == (0.2, 0.1)
+    assert (params(metrics_flush_s="0", cancel_poll_s="0").metrics_flush_s, params(cancel_poll_s="0").cancel_poll_s) == (0.0, 0.0)
+    for name in ("metrics_flush_s", "cancel_poll_s"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 0 seconds"):
+            params(**{name: "-0.5"})
 
 
 @pytest.mark.parametrize("content", ["{not json", "{}", "[]", "null", '"FluxFillPipeline"'])

@@ -5,14 +5,18 @@ threads update one custom metric at the same time: each update rewrites the metr
 shared-memory message while the server reads the other's. Without the lock in
 ``instgenie_server.metrics`` the first request of this test killed the server every
 time (8 threads x 40 updates of shared series); the edit model's loop thread,
-worker threads and ``execute()`` report concurrently in the same way.
+worker threads and ``execute()`` report concurrently in the same way. The same runs
+with the updates batched by a ``MetricFlusher`` (the edit model's default), whose
+thread then races the reporters for the pending counts.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.http as http
 
 from instgenie_protocol import sample_sum
@@ -30,21 +34,24 @@ output [ { name: "CALLS" data_type: TYPE_INT64 dims: [ 1 ] } ]
 instance_group [ { kind: KIND_CPU count: 1 } ]
 """
 
-_MODEL = f'''
+_MODEL = '''
 import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from instgenie.step_loop import LoopLoad
+from instgenie_server.metric_batching import MetricFlusher
 from instgenie_server.metrics import TritonLoopMetrics
 
-THREADS, CALLS = {THREADS}, {CALLS}
+THREADS, CALLS, FLUSH_S = {THREADS}, {CALLS}, {FLUSH_S}
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.metrics = TritonLoopMetrics(pb_utils, {{"model": "metric_threads", "version": "1", "instance": "0"}})
+        self.flusher = MetricFlusher(FLUSH_S) if FLUSH_S else None
+        labels = {{"model": "metric_threads", "version": "1", "instance": "0"}}
+        self.metrics = TritonLoopMetrics(pb_utils, labels, flusher=self.flusher)
 
     def execute(self, requests):
         responses = []
@@ -64,14 +71,19 @@ class TritonPythonModel:
             self.metrics.load(LoopLoad())  # idle again: the stop's drain waits for these gauges
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("CALLS", np.array([THREADS * CALLS], dtype=np.int64))]))
         return responses
+
+    def finalize(self):
+        if self.flusher is not None:
+            self.flusher.close()
 '''
 
 
-def test_metrics_updated_from_many_threads_keep_the_server_up_and_count_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flush_s", [0, 0.05], ids=["each-update", "batched"])
+def test_metrics_updated_from_many_threads_keep_the_server_up_and_count_exactly(tmp_path: Path, flush_s: float) -> None:
     model = tmp_path / "models" / "metric_threads"
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(_CONFIG)
-    (model / "1" / "model.py").write_text(_MODEL)
+    (model / "1" / "model.py").write_text(_MODEL.format(THREADS=THREADS, CALLS=CALLS, FLUSH_S=flush_s))
     with TritonServer(tmp_path / "models", log_file=tmp_path / "server.log") as server:
         client = http.InferenceServerClient(server.http_url, network_timeout=120)
         rounds = 2
@@ -81,8 +93,13 @@ def test_metrics_updated_from_many_threads_keep_the_server_up_and_count_exactly(
             result = client.infer("metric_threads", [value])
             assert int(result.as_numpy("CALLS")[0]) == THREADS * CALLS
         assert server.alive(), server.log_tail()
-        text = server.read_metrics()
         total = rounds * THREADS * CALLS
+        deadline = time.monotonic() + 10  # batched: the next flush, a fraction of a second away
+        while True:
+            text = server.read_metrics()
+            if sample_sum(text, "instgenie_steps_total") >= total or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         # Counters are exact: no update lost or applied twice under contention.
         assert sample_sum(text, "instgenie_steps_total") == total
         assert sample_sum(text, "instgenie_errors_total") == total

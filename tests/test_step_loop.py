@@ -447,3 +447,51 @@ def test_the_loop_takes_turns_with_a_busy_helper_for_at_most_its_bound(
 def test_yield_to_helpers_must_not_be_negative(flux: Engine) -> None:
     with pytest.raises(ValueError, match="yield_to_helpers_s"):
         StepLoop(flux, yield_to_helpers_s=-1)
+
+
+class Ledger(LoopObserver):
+    """Counts settled requests; ``flush`` publishes the counts, as a batching observer sends them."""
+
+    def __init__(self) -> None:
+        self.pending = {"finished": 0, "failed": 0}
+        self.published = dict(self.pending)
+
+    def finished(self, latency_s: float) -> None:
+        self.pending["finished"] += 1
+
+    def failed(self, reason: str) -> None:
+        self.pending["failed"] += 1
+
+    def flush(self) -> None:
+        self.published = dict(self.pending)
+
+
+@dataclass
+class Reader(Recorder):
+    """A client that reads the published metrics the moment its answer arrives."""
+
+    ledger: Ledger | None = None
+    seen: dict[str, int] | None = None
+
+    def _settle(self) -> None:
+        assert self.ledger is not None
+        self.seen = dict(self.ledger.published)
+        super()._settle()
+
+
+def test_metrics_count_a_request_before_its_answer_arrives(flux: Engine, template_id: str) -> None:
+    ledger = Ledger()
+    loop = StepLoop(flux, observer=ledger, scheduler=FcfsScheduler(SchedulerConfig(max_active=1)), max_waiting=1)
+    try:
+        done, bad = Reader(ledger=ledger), Reader(ledger=ledger)
+        loop.submit(edit("done", template_id, 0.2), done)
+        refused = Reader(ledger=ledger)
+        loop.submit(edit("refused", template_id, 0.2), refused)  # max_waiting=1: refused at once
+        done.wait()
+        loop.submit(EditRequest("bad", prompt="x", mask=b"not a png", template_id=template_id), bad)
+        bad.wait()
+    finally:
+        loop.stop()
+    assert isinstance(refused.error, QueueFull) and refused.seen == {"finished": 0, "failed": 1}
+    assert done.outcome is not None and done.seen == {"finished": 1, "failed": 1}
+    assert bad.error is not None and bad.seen == {"finished": 1, "failed": 2}

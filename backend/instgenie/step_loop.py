@@ -129,6 +129,11 @@ class LoopObserver:
     def auto_registered(self) -> None:
         """A raw image was recorded as a template (:mod:`~instgenie.auto_register`)."""
 
+    def flush(self) -> None:
+        """Make what was reported so far visible. The loop calls it just before it answers
+        a request, so a client that reads the metrics after its answer finds it counted
+        (an observer that batches its updates sends them here)."""
+
 
 class _Phase(enum.Enum):
     PREPARING = "preparing"
@@ -230,8 +235,8 @@ class StepLoop:
         return None
 
     def _notify_refusal(self, request: EditRequest, sink: JobSink, error: InstGenIEError) -> None:
-        self._notify(_Job(request, sink, arrived=self._clock()), "fail", error)
         self.observer.failed(error.reason)
+        self._answer(_Job(request, sink, arrived=self._clock()), "fail", error)
 
     def load(self) -> LoopLoad:
         with self._cond:
@@ -461,12 +466,12 @@ class StepLoop:
         job.marks["finish"] = self._clock()
         timeline = _timeline(job)
         outcome = replace(outcome, timeline=timeline)
-        self._notify(job, "finish", outcome)
         self.observer.timeline(timeline)
-        if job.record_after is not None:
-            self._record_in_background(*job.record_after)
         self.observer.finished(self._clock() - job.arrived)
         self._publish_load()
+        self._answer(job, "finish", outcome)
+        if job.record_after is not None:
+            self._record_in_background(*job.record_after)
 
     def _fail(self, job: _Job, error: InstGenIEError) -> None:
         if not self._take(job):
@@ -474,9 +479,14 @@ class StepLoop:
         if job.record_after is not None and self.auto_register is not None:
             self.auto_register.abandoned(job.record_after[0])
         log.info("request %s: %s: %s", job.request.request_id, error.reason, error)
-        self._notify(job, "fail", error)
         self.observer.failed(error.reason)
         self._publish_load()
+        self._answer(job, "fail", error)
+
+    def _answer(self, job: _Job, event: str, *payload: object) -> None:
+        """The request's final ``finish`` or ``fail``, after the metrics that count it."""
+        self.observer.flush()
+        self._notify(job, event, *payload)
 
     @staticmethod
     def _notify(job: _Job, event: str, *payload: object) -> None:

@@ -39,10 +39,16 @@ class ModelParameters:
     # After a step, wait up to this long for one busy helper job (prepare/finish) to end:
     # on a CPU the loop and the codec share the cores. "auto": 1 s on a CPU, 0 (never) on a GPU.
     yield_to_helpers_s: str = "auto"
-    # Responses, step metrics and cancellation queries from one thread of their own
+    # Responses and cancellation queries from one thread of their own
     # (instgenie_server.outbox): "auto" = on a GPU; on a few-core CPU a third busy thread
     # preempts the loop's OpenMP team and costs more than the round trips it moves.
     outbox: str = "auto"
+    # Each custom-metric update and each is_cancelled query is a round trip to the server:
+    # metric updates are batched and sent this often by a thread of their own
+    # (instgenie_server.metric_batching; 0 = each at once, on the reporting thread), and a
+    # request's cancellation is asked at most this often (0 = every step).
+    metrics_flush_s: float = 0.2
+    cancel_poll_s: float = 0.1
     cache_budget_bytes: int = 0  # template K/V kept in host memory; 0 = unbounded
     cache_dir: str = ""  # disk tier (every recorded template, survives restarts); empty = host memory only
     cache_mode: str = "float32"  # float32 | bfloat16, optionally ",unmasked" and ",input" (see instgenie.cache.CacheMode)
@@ -76,6 +82,9 @@ class ModelParameters:
         params = cls(**values)
         if not params.model_dir:
             raise ValueError("parameter model_dir is empty: point it at a diffusers pipeline folder (instgenie serve --model)")
+        for name in ("metrics_flush_s", "cancel_poll_s"):
+            if getattr(params, name) < 0:
+                raise ValueError(f"parameter {name} must be >= 0 seconds, got {getattr(params, name)}")
         return params
 
     @property

@@ -16,7 +16,7 @@ from instgenie.step_loop import PHASES, LoopLoad, LoopObserver
 from instgenie.token_grid import StepCost
 from instgenie_protocol import PIXELS_PER_TOKEN_METRIC, STEP_COST_DENSE_METRIC, STEP_COST_WEIGHT_METRIC
 
-from .outbox import Outbox
+from .metric_batching import BatchedMetric, MetricFlusher
 
 log = logging.getLogger(__name__)
 
@@ -32,41 +32,28 @@ _METRIC_LOCK = threading.Lock()
 
 
 class LockedMetric:
-    """A pb_utils ``Metric`` whose calls hold :data:`_METRIC_LOCK`.
+    """A pb_utils ``Metric`` whose calls hold :data:`_METRIC_LOCK`; a gauge set to the
+    value it was last set to costs nothing."""
 
-    With an :class:`~instgenie_server.outbox.Outbox` the updates are posted to it
-    instead of made on the caller's thread (the step loop's), and a gauge set to the
-    value it was last set to costs nothing.
-    """
-
-    def __init__(
-        self, family: Any, labels: dict[str, str], buckets: list[float] | None = None, outbox: Outbox | None = None
-    ) -> None:
+    def __init__(self, family: Any, labels: dict[str, str], buckets: list[float] | None = None) -> None:
         with _METRIC_LOCK:
             if buckets is None:
                 self._metric = family.Metric(labels=labels)
             else:
                 self._metric = family.Metric(labels=labels, buckets=buckets)
-        self._outbox = outbox
         self._last_set: float | None = None
 
     def set(self, value: float) -> None:
         if value == self._last_set:
             return
         self._last_set = value
-        self._call("set", value)
+        self._update("set", value)
 
     def increment(self, value: float) -> None:
-        self._call("increment", value)
+        self._update("increment", value)
 
     def observe(self, value: float) -> None:
-        self._call("observe", value)
-
-    def _call(self, method: str, value: float) -> None:
-        if self._outbox is None:
-            self._update(method, value)
-        else:
-            self._outbox.post(self._update, method, value)
+        self._update("observe", value)
 
     def _update(self, method: str, value: float) -> None:
         with _METRIC_LOCK:
@@ -104,11 +91,11 @@ class TritonLoopMetrics(LoopObserver):
         pixels_per_token: int | None = None,
         restarts: int = 0,
         step_cost: StepCost | None = None,
-        outbox: Outbox | None = None,
+        flusher: MetricFlusher | None = None,
     ) -> None:
         self._pb = pb_utils
         self._labels = dict(labels)
-        self._outbox = outbox  # updates leave the reporting thread (the step loop's) through it
+        self._flusher = flusher  # batches the updates off the reporting thread (the step loop's)
         self._families: list[Any] = []  # a Metric dies with its MetricFamily: keep them alive
         kinds = pb_utils.MetricFamily
         self._gauges = {
@@ -196,13 +183,14 @@ class TritonLoopMetrics(LoopObserver):
         self._families.append(family)
         return family
 
-    def _locked(self, family: Any, labels: dict[str, str], buckets: list[float] | None = None) -> LockedMetric:
-        return LockedMetric(family, labels, buckets, self._outbox)
+    def _locked(self, family: Any, labels: dict[str, str], buckets: list[float] | None = None) -> LockedMetric | BatchedMetric:
+        metric = LockedMetric(family, labels, buckets)
+        return metric if self._flusher is None else self._flusher.batched(metric)
 
-    def _metric(self, name: str, description: str, kind: Any) -> LockedMetric:
+    def _metric(self, name: str, description: str, kind: Any) -> LockedMetric | BatchedMetric:
         return self._locked(self._family(name, description, kind), self._labels)
 
-    def _histogram(self, name: str, description: str, buckets: list[float]) -> LockedMetric:
+    def _histogram(self, name: str, description: str, buckets: list[float]) -> LockedMetric | BatchedMetric:
         return self._locked(self._family(name, description, self._pb.MetricFamily.HISTOGRAM), self._labels, buckets)
 
     # -- LoopObserver ---------------------------------------------------------------
@@ -248,6 +236,10 @@ class TritonLoopMetrics(LoopObserver):
 
     def auto_registered(self) -> None:
         self._auto_registrations.increment(1)
+
+    def flush(self) -> None:
+        if self._flusher is not None:
+            self._flusher.flush()
 
 
 class GpuMetrics:

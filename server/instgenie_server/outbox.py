@@ -1,15 +1,15 @@
 """One thread per stub that makes every round trip to the Triton server, in order.
 
-In python_backend each response sent, each custom-metric update and each
-``is_cancelled`` query is a synchronous round trip to the server process through
-shared memory (0.1-1.5 ms each). The step loop makes a dozen of them per step
-(progress responses, step metrics, load gauges, cancellation checks); made on its own
-thread they stretch every step, which is most of a masked step on a GPU. Posted here
-they happen while the next step computes.
+In python_backend each response sent and each ``is_cancelled`` query is a
+synchronous round trip to the server process through shared memory (0.1-1.5 ms
+each). The step loop makes a few of them per step for every request in the batch
+(progress responses, cancellation checks); made on its own thread they stretch every
+step, which is most of a masked step on a GPU. Posted here they happen while the next
+step computes. (Custom-metric updates, also round trips, are batched instead:
+:mod:`~instgenie_server.metric_batching`.)
 
 Calls run in the order they were posted, from any thread: a request's progress
-responses go out before its final one, and what the loop observed before answering a
-request is in the metrics by the time the client reads the answer's effects.
+responses go out before its final one.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -39,14 +40,24 @@ _SENDER_LOCK = threading.Lock()
 class TritonJobSink:
     """Progress responses (when asked for) and exactly one final response per request.
 
-    With an :class:`~instgenie_server.outbox.Outbox` every message to the server goes
-    through it, so the step loop never waits on a round trip: responses are sent in the
-    order posted, and ``cancelled()`` answers from the last reply of a query it posts
-    (a cancellation is seen one step later, never missed).
+    ``is_cancelled`` is a round trip to the server: ``cancelled()`` asks it at most every
+    ``cancel_poll_s`` and answers from the last reply in between (the loop asks every
+    step). With an :class:`~instgenie_server.outbox.Outbox` every message to the server
+    goes through it, so the step loop never waits on a round trip: responses are sent in
+    the order posted, and a query's reply is seen one step later. A cancellation is
+    never missed, only seen up to ``cancel_poll_s`` (plus a step) late.
     """
 
     def __init__(
-        self, pb_utils: Any, request: Any, request_id: str, *, progress: bool, base64_output: bool, outbox: Outbox | None = None
+        self,
+        pb_utils: Any,
+        request: Any,
+        request_id: str,
+        *,
+        progress: bool,
+        base64_output: bool,
+        outbox: Outbox | None = None,
+        cancel_poll_s: float = 0.0,
     ) -> None:
         self._pb = pb_utils
         self._request = request  # keeps the request alive until it is answered
@@ -61,11 +72,17 @@ class TritonJobSink:
         self._closed = False
         self._cancelled = False
         self._asking = False  # a cancellation query is in the outbox
+        self._cancel_poll_s = cancel_poll_s
+        self._asked_at = float("-inf")
 
     def cancelled(self) -> bool:
+        now = time.monotonic()
+        if self._cancelled or now - self._asked_at < self._cancel_poll_s:
+            return self._cancelled
+        self._asked_at = now
         if self._outbox is None:
-            return self._ask_cancelled()
-        if not self._asking and not self._cancelled:
+            self._cancelled = self._ask_cancelled()
+        elif not self._asking:
             self._asking = True
             self._outbox.post(self._refresh_cancelled)
         return self._cancelled

@@ -17,6 +17,7 @@ from instgenie.step_loop import StepLoop
 from instgenie_protocol import parse_request
 from instgenie_server.config import ModelParameters
 from instgenie_server.leftovers import SHM_PREFIX_VARIABLE
+from instgenie_server.metric_batching import MetricFlusher
 from instgenie_server.metrics import CacheMetrics, GpuMetrics, TritonLoopMetrics
 from instgenie_server.outbox import Outbox
 from instgenie_server.responses import TritonJobSink
@@ -57,8 +58,10 @@ class TritonPythonModel:
                     semaphore_prefix=os.environ.get(SHM_PREFIX_VARIABLE),
                 )
             )
-        # Responses, the loop's metrics and cancellation queries: off the loop's thread (GPU).
+        # Responses and cancellation queries off the loop's thread (GPU); metric updates
+        # batched off it (both: every one is a round trip to the server).
         self.outbox = Outbox() if self.params.use_outbox else None
+        self.metric_flusher = MetricFlusher(self.params.metrics_flush_s) if self.params.metrics_flush_s else None
         labels = {"model": args["model_name"], "version": args["model_version"], "instance": args["model_instance_name"]}
         self.metrics = TritonLoopMetrics(
             pb_utils,
@@ -67,7 +70,7 @@ class TritonPythonModel:
             pixels_per_token=self.engine.family.pixels_per_token,
             restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
             step_cost=self.engine.family.step_cost,
-            outbox=self.outbox,
+            flusher=self.metric_flusher,
         )
         self.cache_metrics = CacheMetrics(pb_utils, labels, self.engine.store)
         self.gpu_metrics = GpuMetrics(pb_utils, labels, self.engine.device.index or 0) if self.engine.device.type == "cuda" else None
@@ -88,7 +91,13 @@ class TritonPythonModel:
             try:
                 parsed = parse_request(lambda name: _input(request, name), request_id)
                 sink = TritonJobSink(
-                    pb_utils, request, request_id, progress=parsed.progress, base64_output=parsed.base64_output, outbox=self.outbox
+                    pb_utils,
+                    request,
+                    request_id,
+                    progress=parsed.progress,
+                    base64_output=parsed.base64_output,
+                    outbox=self.outbox,
+                    cancel_poll_s=self.params.cancel_poll_s,
                 )
                 if parsed.action == "list":
                     sink.send_outputs(template_list_outputs(request_id, self.engine.template_ids()))
@@ -104,6 +113,8 @@ class TritonPythonModel:
         self.loop.stop(drain_timeout_s=self.params.drain_timeout_s)
         if self.outbox is not None:
             self.outbox.close(timeout_s=10.0)
+        if self.metric_flusher is not None:
+            self.metric_flusher.close()
         self.engine.codec.close()
         self.engine.store.close()
         self.cache_metrics.close()
