@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--instgenie-factors", default=None, help="rates as multiples of InstGenIE's capacity (default 1.0,1.3; --quick 1.0)"
     )
     parser.add_argument("--warmup", type=int, help="unloaded warm-up requests per system (default 2; --quick 1)")
-    parser.add_argument("--unloaded", type=int, help="measured unloaded requests per system (default 4; --quick 2)")
+    parser.add_argument("--unloaded", type=int, help="measured unloaded requests per system (default 8; --quick 2)")
     parser.add_argument("--slo-factor", type=float, default=3.0, help="declared P95 SLO = this x the baseline's unloaded mean latency")
     parser.add_argument("--slo-factors", default="3,5,10", help="more SLO factors to report the throughput ratio at")
     parser.add_argument("--report-from", help="rebuild the Markdown page and plot from this --json file (no server)")
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     defaults = dict(
         model_size=("tiny", "small"), size=(128, 512), text_len=(32, 128), steps=(4, 16), requests=(6, 32),
-        baseline_factors=("0.5", "0.5,0.9,1.5"), instgenie_factors=("1.0", "1.0,1.3"), warmup=(1, 2), unloaded=(2, 4), quiet_wait=(5.0, 30.0),
+        baseline_factors=("0.5", "0.5,0.9,1.5"), instgenie_factors=("1.0", "1.0,1.3"), warmup=(1, 2), unloaded=(2, 8), quiet_wait=(5.0, 30.0),
     )  # fmt: skip
     for name, (quick_value, value) in defaults.items():
         if getattr(args, name) is None:
