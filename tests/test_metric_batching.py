@@ -58,11 +58,10 @@ def test_a_batch_sums_increments_keeps_a_gauges_last_value_and_every_observation
         assert gauge.calls == [("set", 4.0)]
         assert histogram.calls == [("observe", step / 10) for step in range(5)]
 
-        batched[1].set(4.0)  # unchanged: not sent again
         batched[1].set(7.0)
-        batched[1].set(4.0)  # back to the value the server holds: nothing to send either
-        flusher.flush()
-        assert gauge.calls == [("set", 4.0)] and counter.calls == [("increment", 10.0)]
+        batched[1].set(5.0)
+        flusher.flush()  # only the last value; series without updates hear nothing
+        assert gauge.calls == [("set", 4.0), ("set", 5.0)] and counter.calls == [("increment", 10.0)]
     finally:
         flusher.close()
 

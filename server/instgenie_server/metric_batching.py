@@ -7,7 +7,7 @@ histogram, the load gauges); on a few-core CPU those round trips and wake-ups pr
 the loop's OpenMP team and stretched a served masked edit by ~6% against the same edit
 in process (``docs/benchmarks/serving.md``). A :class:`MetricFlusher` keeps the updates
 instead and sends them every ``interval_s`` from a thread of its own: counter
-increments summed, only a gauge's last value (and only when it changed), histogram
+increments summed, only a gauge's last value, histogram
 observations all of them. Prometheus scrapes at intervals of seconds and the router
 every 0.5 s, so a batch every 0.2 s shows them the same series. The step loop also
 flushes just before it answers a request (``LoopObserver.flush``): a client that reads
@@ -40,7 +40,6 @@ class BatchedMetric:
         self._metric = metric
         self._flusher = flusher
         self._gauge: float | None = None  # the last value set, not sent yet
-        self._sent_gauge: float | None = None
         self._increment = 0.0
         self._observations: list[float] = []
 
@@ -67,9 +66,8 @@ class BatchedMetric:
 
     def send(self, pending: tuple[float | None, float, list[float]]) -> None:
         gauge, increment, observations = pending
-        if gauge is not None and gauge != self._sent_gauge:
-            self._metric.set(gauge)
-            self._sent_gauge = gauge
+        if gauge is not None:
+            self._metric.set(gauge)  # a LockedMetric drops a value the server holds already
         if increment:
             self._metric.increment(increment)
         for value in observations:
