@@ -78,6 +78,11 @@ _GAUGES = {
         "Row-tokens x remaining steps of active and queued requests: the router's load signal",
     ),
 }
+#: Gauges that say whether there is work at all: sent at once, never batched. They change
+#: only when a request arrives, joins or leaves, and the launcher tells a wedged loop
+#: from an idle one by them: a loop that stops right after a request joined must not
+#: look idle because the batch with that news never left the stopped process.
+_IMMEDIATE_GAUGES = frozenset({"active", "waiting", "finishing"})
 
 
 class TritonLoopMetrics(LoopObserver):
@@ -99,7 +104,8 @@ class TritonLoopMetrics(LoopObserver):
         self._families: list[Any] = []  # a Metric dies with its MetricFamily: keep them alive
         kinds = pb_utils.MetricFamily
         self._gauges = {
-            field: self._metric(name, text, kinds.GAUGE) for field, (name, text) in _GAUGES.items()
+            field: self._metric(name, text, kinds.GAUGE, batched=field not in _IMMEDIATE_GAUGES)
+            for field, (name, text) in _GAUGES.items()
         }
         self._step_seconds = self._histogram("instgenie_step_duration_seconds", "Duration of one batched denoising step", STEP_BUCKETS_S)
         self._request_seconds = self._histogram(
@@ -177,18 +183,23 @@ class TritonLoopMetrics(LoopObserver):
         )
         if restarts:
             self._restarts.increment(float(restarts))
+        # On the page before the model reports ready: the router prices requests with the
+        # constants above, and the launcher's restart count is read as soon as it is ready.
+        self.flush()
 
     def _family(self, name: str, description: str, kind: Any) -> Any:
         family = metric_family(self._pb, name, description, kind)
         self._families.append(family)
         return family
 
-    def _locked(self, family: Any, labels: dict[str, str], buckets: list[float] | None = None) -> LockedMetric | BatchedMetric:
+    def _locked(
+        self, family: Any, labels: dict[str, str], buckets: list[float] | None = None, batched: bool = True
+    ) -> LockedMetric | BatchedMetric:
         metric = LockedMetric(family, labels, buckets)
-        return metric if self._flusher is None else self._flusher.batched(metric)
+        return metric if self._flusher is None or not batched else self._flusher.batched(metric)
 
-    def _metric(self, name: str, description: str, kind: Any) -> LockedMetric | BatchedMetric:
-        return self._locked(self._family(name, description, kind), self._labels)
+    def _metric(self, name: str, description: str, kind: Any, batched: bool = True) -> LockedMetric | BatchedMetric:
+        return self._locked(self._family(name, description, kind), self._labels, batched=batched)
 
     def _histogram(self, name: str, description: str, buckets: list[float]) -> LockedMetric | BatchedMetric:
         return self._locked(self._family(name, description, self._pb.MetricFamily.HISTOGRAM), self._labels, buckets)
